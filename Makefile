@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine:  make demo  (the whole benchmark)  and  make test.
+# Each creates .venv with the pinned environment first if it is missing or out of date.
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+SNAKEMAKE := $(VENV)/bin/snakemake
+
+.PHONY: demo test install report lint dryrun clean
+
+install: $(STAMP)
+
+# torch first (a CPU wheel on local disk), then everything under constraints.txt, which pins torch so no
+# dependency pulls a CUDA build. timm (nnunetv2's dependency) drags in a torchvision whose import fails and
+# breaks transformers/peft imports, so it is removed; nothing in segsynth needs it.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip uninstall -y -q torchvision
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(SNAKEMAKE) --profile profiles/local
+	$(MAKE) --no-print-directory report
+	@echo
+	@echo "Tables:  results/tables/main.md  results/tables/main.parquet  results/tables/adherence.md"
+	@echo "Figures: results/figures/"
+	@echo "Report:  results/report.html"
+
+report: results/report.html
+
+results/report.html: results/tables/main.tsv results/tables/adherence.md results/figures/dice.png
+	$(SNAKEMAKE) --profile profiles/local --report $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(SNAKEMAKE) --lint
+
+dryrun: $(STAMP)
+	$(SNAKEMAKE) -n
+
+clean:
+	rm -rf results logs benchmarks .snakemake

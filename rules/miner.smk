@@ -1,0 +1,25 @@
+rule train_miner:
+    """Train the Adversariality Miner against the frozen generator and real-only segmenter f_θ.
+
+    Requested only by methods whose sampler is "miner"."""
+    input:
+        data="results/{dataset}/data",
+        generator="results/{dataset}/generators/{generator}",
+        value_model="results/{dataset}/segmenters/{segmenter}/real",
+    output:
+        directory("results/{dataset}/miners/{generator}/{segmenter}"),
+    params:
+        seed=config["seeds"]["miner"],
+    log:
+        "logs/{dataset}/miners/{generator}/{segmenter}.log",
+    benchmark:
+        "benchmarks/{dataset}/miners/{generator}/{segmenter}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        runtime=720,
+        mem_mb=16000,
+    script:
+        "../scripts/train_miner.py"

@@ -1,0 +1,15 @@
+from segsynth.sampling.synthesize import synthesize
+from segsynth.workflow import run_logged
+
+run_logged(
+    snakemake,
+    synthesize,
+    generator_dir=snakemake.input.generator,
+    data_dir=snakemake.input.data,
+    method=snakemake.wildcards.method,
+    params=snakemake.params.method,
+    seed=int(snakemake.wildcards.seed),
+    out_dir=snakemake.output[0],
+    value_model_dir=snakemake.input.value_model,
+    threads=snakemake.threads,
+)

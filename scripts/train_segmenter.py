@@ -1,0 +1,13 @@
+from segsynth.segmenters import train_segmenter
+from segsynth.workflow import run_logged
+
+run_logged(
+    snakemake,
+    train_segmenter,
+    cfg=snakemake.params.segmenter,
+    data_dir=snakemake.input.data,
+    out_dir=snakemake.output[0],
+    seed=snakemake.params.seed,
+    synthetic_dirs=[snakemake.input.synthetic] if "synthetic" in snakemake.input.keys() else [],
+    threads=snakemake.threads,
+)

@@ -1,0 +1,49 @@
+"""Config checks that a JSON schema cannot express, and the merging of settings for one job.
+
+The schema (``schemas/config.schema.yaml``, applied by ``snakemake.utils.validate`` at start) checks keys,
+types and ranges; ``check_references`` checks that every name the ``run`` section uses is defined.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+def check_references(config: dict) -> None:
+    """Every dataset, generator, segmenter and method that ``run`` names must be defined."""
+    run = config["run"]
+    for section in ("datasets", "generators", "segmenters", "methods"):
+        for name in run[section]:
+            if name not in config[section]:
+                raise ConfigError(f"run.{section}", f"{name!r} is not defined under '{section}' "
+                                  f"(defined: {sorted(config[section])})")
+    if run["value_segmenter"] not in config["segmenters"]:
+        raise ConfigError("run.value_segmenter", f"{run['value_segmenter']!r} is not defined under 'segmenters'")
+
+
+def method_params(config: dict, dataset: str, method: str) -> dict:
+    """The settings of one synthesis job: synthesis defaults < the dataset's guidance scale < the method entry."""
+    params = dict(config["synthesis"])
+    if "guidance_scale" in config["datasets"][dataset]:
+        params["guidance_scale"] = config["datasets"][dataset]["guidance_scale"]
+    params.update(config["methods"][method])
+    return params
+
+
+def validate_config(config: dict) -> None:
+    """Schema + references, for use outside Snakemake (tests, library callers)."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    try:
+        jsonschema.validate(config, schema)
+    except jsonschema.ValidationError as err:
+        key = ".".join(str(p) for p in err.absolute_path) or "<root>"
+        raise ConfigError(key, err.message) from None
+    check_references(config)

@@ -1,0 +1,158 @@
+"""Scoring segmenters: Dice, average surface distance and HD95 per case and class, and mask adherence.
+
+Empty-structure policy (per sample and foreground class; the usual convention of segmentation
+challenges, so that scores stay finite and comparable):
+
+* class absent from both ground truth and prediction: Dice, ASD and HD95 are NaN — there is nothing
+  to segment, so the pair is excluded from every (nan-)mean rather than counted as perfect;
+* class present in only one of them: Dice is 0 and ASD and HD95 are the image diagonal in pixels,
+  the worst distance possible, instead of MONAI's inf/NaN, which would poison every mean;
+* present in both: MONAI's values (Dice; symmetric ASD; HD95 at the 95th percentile), in pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+
+from .errors import InputDataError
+from .io import write_parquet
+from .segmenters import Segmenter, load_segmenter, load_synthetic_set
+from .training import set_torch_threads
+
+METRICS = ("dice", "asd", "hd95")
+#: Samples scored at once; bounds the memory of the one-hot tensors.
+CHUNK = 64
+
+
+def evaluate_segmenter(model_dir, data_dir, out_path, split: str = "test") -> pd.DataFrame:
+    """Score a trained segmenter on one split of a canonical dataset and write the long table.
+
+    Columns: sample_id, case_id, class_index, class_name, metric ("dice" | "asd" | "hd95"), value;
+    one row per sample, foreground class and metric. See the module docstring for empty classes.
+    """
+    from .data.canonical import load_split, read_meta
+
+    set_torch_threads(1)
+    segmenter = load_segmenter(model_dir)
+    class_names = read_meta(data_dir)["class_names"]
+    if list(class_names) != segmenter.class_names:
+        raise InputDataError(Path(data_dir) / "meta.json",
+                             f"classes {class_names} differ from the model's {segmenter.class_names}")
+    data = load_split(data_dir, split)
+    predicted = predict_labels(segmenter, data.images)
+    scores = {"dice": dice_scores(predicted, data.masks, len(class_names)),
+              **distance_scores(predicted, data.masks, len(class_names))}
+    frame = pd.concat([_long_scores(data.index, class_names, metric, scores[metric]) for metric in METRICS],
+                      ignore_index=True)
+    write_parquet(out_path, frame)
+    return frame
+
+
+def score_synthetic(model_dir, synthetic_dir, out_path=None) -> pd.DataFrame:
+    """Mask adherence: Dice of the real-only segmenter on synthetic images against their conditioning masks.
+
+    A generator that follows its masks yields images the real-only model segments as the mask says.
+    Columns: sample_id, class (a foreground class name, or "mean" for the sample's nan-mean over its
+    foreground classes), dice. Written to ``out_path`` when given.
+    """
+    set_torch_threads(1)
+    segmenter = load_segmenter(model_dir)
+    synthetic = load_synthetic_set(synthetic_dir)
+    if synthetic.masks.size and int(synthetic.masks.max()) >= segmenter.num_classes:
+        raise InputDataError(Path(synthetic_dir) / "masks.npy",
+                             f"class index {int(synthetic.masks.max())} beyond the model's {segmenter.num_classes}")
+    dice = dice_scores(predict_labels(segmenter, synthetic.images), synthetic.masks, segmenter.num_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a sample without foreground has a NaN mean
+        per_sample = np.nanmean(dice, axis=1)
+    columns = {name: dice[:, k] for k, name in enumerate(segmenter.class_names[1:])}
+    wide = pd.DataFrame({"sample_id": synthetic.records["sample_id"].to_numpy(), **columns, "mean": per_sample})
+    frame = wide.melt(id_vars="sample_id", var_name="class", value_name="dice")
+    if out_path is not None:
+        write_parquet(out_path, frame)
+    return frame
+
+
+def predict_labels(segmenter: Segmenter, images: np.ndarray) -> np.ndarray:
+    """Arg-max labels (N,H,W) uint8, predicted chunk-wise so the (N,K,H,W) probabilities never coexist."""
+    labels = np.empty((len(images), *images.shape[2:]), dtype=np.uint8)
+    for start in range(0, len(images), CHUNK):
+        labels[start:start + CHUNK] = segmenter.predict_proba(images[start:start + CHUNK]).argmax(axis=1)
+    return labels
+
+
+def dice_scores(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice per sample and foreground class, (N, K-1), under the module's empty-structure policy."""
+    out = np.empty((len(truth), num_classes - 1))
+    for rows, pred_hot, true_hot in _one_hot_chunks(predicted, truth, num_classes):
+        with _quiet_monai():
+            dice = compute_dice(pred_hot, true_hot, include_background=False, ignore_empty=True)
+        out[rows] = _apply_policy(dice.numpy(), pred_hot, true_hot, absent_in_one=0.0)
+    return out
+
+
+def distance_scores(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """Symmetric ASD and HD95 in pixels per sample and foreground class, (N, K-1) each, under the policy."""
+    worst = math.hypot(*truth.shape[1:])
+    out = {"asd": np.empty((len(truth), num_classes - 1)), "hd95": np.empty((len(truth), num_classes - 1))}
+    for rows, pred_hot, true_hot in _one_hot_chunks(predicted, truth, num_classes):
+        with _quiet_monai():
+            asd = compute_average_surface_distance(pred_hot, true_hot, include_background=False, symmetric=True)
+            hd95 = compute_hausdorff_distance(pred_hot, true_hot, include_background=False, percentile=95)
+        out["asd"][rows] = _apply_policy(asd.numpy(), pred_hot, true_hot, absent_in_one=worst)
+        out["hd95"][rows] = _apply_policy(hd95.numpy(), pred_hot, true_hot, absent_in_one=worst)
+    return out
+
+
+def _one_hot_chunks(predicted: np.ndarray, truth: np.ndarray,
+                    num_classes: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(rows, one-hot prediction, one-hot truth) for ``CHUNK`` samples at a time, in MONAI's (B,K,H,W) layout."""
+    for start in range(0, len(truth), CHUNK):
+        rows = slice(start, start + CHUNK)
+        yield rows, _one_hot(predicted[rows], num_classes), _one_hot(truth[rows], num_classes)
+
+
+def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    labels = torch.from_numpy(labels.astype(np.int64))
+    return torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+
+
+def _apply_policy(values: np.ndarray, pred_hot: torch.Tensor, true_hot: torch.Tensor,
+                  absent_in_one: float) -> np.ndarray:
+    """Replace MONAI's values where a foreground class is missing from the prediction and/or the truth."""
+    in_pred = pred_hot[:, 1:].flatten(2).any(dim=2).numpy()
+    in_true = true_hot[:, 1:].flatten(2).any(dim=2).numpy()
+    values = np.where(in_pred & in_true, values.astype(np.float64), absent_in_one)
+    return np.where(in_pred | in_true, values, np.nan)
+
+
+@contextlib.contextmanager
+def _quiet_monai():
+    """Hide MONAI's warnings about its own deprecated internals and about the empty classes we handle."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"monai\.")
+        warnings.filterwarnings("ignore", message=r"the (ground truth|prediction) of class \d+ is all 0")
+        yield
+
+
+def _long_scores(index: pd.DataFrame, class_names: list[str], metric: str, values: np.ndarray) -> pd.DataFrame:
+    """(N, K-1) scores of one metric → rows of sample_id, case_id, class_index, class_name, metric, value."""
+    n, k = values.shape
+    return pd.DataFrame({
+        "sample_id": np.repeat(index["sample_id"].to_numpy(), k),
+        "case_id": np.repeat(index["case_id"].to_numpy(), k),
+        "class_index": np.tile(np.arange(1, k + 1), n),
+        "class_name": np.tile(np.asarray(class_names[1:], dtype=object), n),
+        "metric": metric,
+        "value": values.reshape(-1),
+    })

@@ -1,0 +1,104 @@
+"""The paper's figures: a grid of real vs. synthetic samples for the same masks, and Dice per method.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects, never through pyplot, so no GUI backend or
+global figure state is involved (the Agg canvas renders the PNG); each PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from .errors import InputDataError
+from .io import atomic_path
+from .segmenters import SyntheticSet, load_synthetic_set
+from .tables import method_label, method_order
+
+PANEL_INCHES = 1.6
+
+
+def sample_grid(data_dir, synthetic_dirs: dict[str, Path], out_png, n: int = 6, split: str = "train") -> None:
+    """Columns: ``n`` conditioning masks of ``split``; rows: the real image, its mask, then one synthetic
+    image per method generated from that same mask (``records.parquet`` column ``source_sample_id``).
+
+    Only the first image channel is shown, in grey; masks use a categorical colormap (background black).
+    """
+    from .data.canonical import load_split, read_meta
+
+    class_names = read_meta(data_dir)["class_names"]
+    real = load_split(data_dir, split)
+    sets = {label: load_synthetic_set(directory) for label, directory in synthetic_dirs.items()}
+    sources = _shared_sources(real.index["sample_id"], sets, synthetic_dirs)[:n]
+    if not sources:
+        raise InputDataError(data_dir, f"no {split} sample conditioned every synthetic set {list(synthetic_dirs)}")
+    real_row = {sample_id: row for row, sample_id in enumerate(real.index["sample_id"])}
+
+    rows = ["real image", "mask", *sets]
+    fig = Figure(figsize=(PANEL_INCHES * len(sources), PANEL_INCHES * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(sources), squeeze=False)
+    cmap = _mask_colormap(len(class_names))
+    for col, source in enumerate(sources):
+        _show_image(axes[0, col], real.images[real_row[source]])
+        axes[0, col].set_title(source, fontsize="small")
+        axes[1, col].imshow(real.masks[real_row[source]], cmap=cmap, vmin=0, vmax=len(class_names) - 1,
+                            interpolation="nearest")
+        for row, synthetic in enumerate(sets.values(), start=2):
+            first = int(np.flatnonzero(synthetic.records["source_sample_id"].to_numpy() == source)[0])
+            _show_image(axes[row, col], synthetic.images[first])
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for row, label in enumerate(rows):
+        axes[row, 0].set_ylabel(label)
+    _save_png(fig, out_png)
+
+
+def metric_plot(main: pd.DataFrame, out_png) -> None:
+    """Dice (%) of the class-"mean" per method: bars at the mean over seeds with ± std, a dot per seed;
+    one panel per (dataset, segmenter)."""
+    dice = main[(main["class"] == "mean") & (main["metric"] == "dice")].assign(
+        dice=lambda frame: frame["value"] * 100.0, label=lambda frame: frame["method"].map(method_label))
+    order = [method_label(method) for method in method_order(dice["method"])]
+    panels = list(dict.fromkeys(zip(dice["dataset"], dice["segmenter"])))
+    fig = Figure(figsize=(max(3.0, 0.7 * len(order)) * len(panels), 3.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (dataset, segmenter) in zip(axes, panels):
+        panel = dice[(dice["dataset"] == dataset) & (dice["segmenter"] == segmenter)]
+        sns.barplot(data=panel, x="label", y="dice", order=order, errorbar="sd", capsize=0.2,
+                    color="#9ecae1", ax=ax)
+        sns.stripplot(data=panel, x="label", y="dice", order=order, color="black", size=4, ax=ax)
+        ax.set_title(f"{dataset} · {segmenter}")
+        ax.set_xlabel("")
+        ax.set_ylabel("DSC (%)")
+        ax.tick_params(axis="x", labelrotation=45)
+    _save_png(fig, out_png)
+
+
+def _shared_sources(real_ids: pd.Series, sets: dict[str, SyntheticSet], directories: dict) -> list[str]:
+    """Real sample ids (in dataset order) whose mask conditioned at least one sample of every set."""
+    shared = set(real_ids)
+    for label, synthetic in sets.items():
+        if "source_sample_id" not in synthetic.records:
+            raise InputDataError(Path(directories[label]) / "records.parquet", "lacks column source_sample_id")
+        shared &= set(synthetic.records["source_sample_id"])
+    return [sample_id for sample_id in real_ids if sample_id in shared]
+
+
+def _mask_colormap(num_classes: int) -> ListedColormap:
+    """Black background, then one distinct colour per foreground class."""
+    return ListedColormap([(0.0, 0.0, 0.0), *sns.color_palette("tab10", max(num_classes - 1, 1))][:num_classes])
+
+
+def _show_image(ax: Axes, image: np.ndarray) -> None:
+    ax.imshow(image[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+
+
+def _save_png(fig: Figure, out_png) -> None:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)

@@ -1,0 +1,253 @@
+"""The mask-to-image generator: a ControlNet on a UNet2DConditionModel (+ AutoencoderKL), all diffusers classes.
+
+Two ways to build one, one way to load it:
+- ``build_generator(cfg, ...)`` with ``cfg["pretrained"]`` unset makes a tiny, randomly initialised model that
+  works in pixel space (no VAE: a random VAE decodes noise, and training one costs more CPU time than the pixel
+  UNet saves) and encodes the class prompt with a learned embedding table;
+- with ``cfg["pretrained"]`` set to a Stable Diffusion directory (or hub id on a machine that has one cached) it
+  loads UNet, VAE, CLIP text encoder and tokenizer with ``from_pretrained`` and initialises the ControlNet from the
+  UNet, as diffusers' ``train_controlnet.py`` does; it then works in the VAE's latent space.
+- ``MaskToImageGenerator.load(directory)`` reads back what ``save`` wrote (diffusers ``save_pretrained`` layout).
+
+Conditioning: the one-hot mask goes into the ControlNet; the class prompt names the foreground classes present
+in the mask ("... showing csf, gm"). With the embedding table the prompt is a sequence of one token per
+foreground class, the class's embedding where present and a learned null token where absent; the
+unconditional prompt for classifier-free guidance is all null tokens (the empty string for CLIP).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from ..errors import ConfigError
+from ..io import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+GENERATOR_META = "generator.json"
+
+
+class ClassPromptEmbedding(torch.nn.Module):
+    """Learned prompt encoder for tiny models: one token per foreground class, a null token where it is absent."""
+
+    def __init__(self, num_foreground: int, dim: int):
+        super().__init__()
+        self.class_tokens = torch.nn.Parameter(torch.randn(num_foreground, dim) * 0.02)
+        self.null_token = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, present: torch.Tensor) -> torch.Tensor:
+        """``present``: (B, K-1) bool, which foreground classes the prompt names → (B, K-1, dim)."""
+        p = present.to(self.class_tokens.dtype).unsqueeze(-1)
+        return p * self.class_tokens.unsqueeze(0) + (1 - p) * self.null_token.view(1, 1, -1)
+
+
+class MaskToImageGenerator(torch.nn.Module):
+    """A frozen-or-trainable mask-to-image diffusion model with the few operations samplers need.
+
+    Images are in [-1, 1] (the generator's range); ``x`` denotes the diffusion variable, which is the image in
+    pixel space and the VAE latent in latent space.
+    """
+
+    def __init__(self, unet, controlnet, noise_scheduler, meta: dict, vae=None, prompt_embedding=None,
+                 text_encoder=None, tokenizer=None):
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+        self.vae = vae
+        self.prompt_embedding = prompt_embedding
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.meta = meta
+
+    # -- properties -------------------------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["channels"])
+
+    @property
+    def latent_space(self) -> bool:
+        return self.vae is not None
+
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """A DDIM scheduler with the training noise schedule (diffusers' ``from_config`` carries the betas)."""
+        return DDIMScheduler.from_config(self.noise_scheduler.config)
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        h, w = self.meta["resolution"]
+        if self.vae is None:
+            return (batch, self.channels, h, w)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (batch, self.vae.config.latent_channels, h // factor, w // factor)
+
+    # -- conditioning -----------------------------------------------------------------------------------------
+    def mask_condition(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) class indices → (B, K, H, W) one-hot float, the ControlNet's conditioning image."""
+        return F.one_hot(masks.long(), self.num_classes).permute(0, 3, 1, 2).float()
+
+    def prompt_text(self, present: torch.Tensor) -> list[str]:
+        names = self.class_names[1:]
+        template = self.meta.get("prompt_template", "{classes}")
+        return [template.format(classes=", ".join(n for n, p in zip(names, row) if p)) for row in present.tolist()]
+
+    def encode_prompt(self, masks: torch.Tensor, unconditional: bool = False) -> torch.Tensor:
+        """The class prompt of each mask (or the unconditional prompt) as encoder hidden states."""
+        present = torch.stack([(masks == c).flatten(1).any(1) for c in range(1, self.num_classes)], dim=1)
+        if unconditional:
+            present = torch.zeros_like(present)
+        if self.prompt_embedding is not None:
+            return self.prompt_embedding(present)
+        texts = [""] * len(present) if unconditional else self.prompt_text(present)
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    # -- the denoiser -----------------------------------------------------------------------------------------
+    def predict_noise(self, x_t: torch.Tensor, t, cond_image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """ε_φ(x_t, t | mask, prompt): ControlNet residuals added into the UNet, one call each."""
+        down, mid = self.controlnet(x_t, t, encoder_hidden_states=prompt, controlnet_cond=cond_image,
+                                    conditioning_scale=1.0, return_dict=False)
+        return self.unet(x_t, t, encoder_hidden_states=prompt, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+    def guided_noise(self, x_t, t, cond_image, prompt, uncond_prompt, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance; conditional and unconditional passes share one batched call."""
+        if guidance_scale == 1.0 or uncond_prompt is None:
+            return self.predict_noise(x_t, t, cond_image, prompt)
+        eps = self.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([cond_image, cond_image]),
+                                 torch.cat([uncond_prompt, prompt]))
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Diffusion variable → image in [-1, 1] (identity in pixel space)."""
+        if self.vae is None:
+            return x
+        image = self.vae.decode(x / self.vae.config.scaling_factor, return_dict=False)[0]
+        if image.shape[1] != self.channels:  # an RGB VAE serving a grey dataset
+            image = image.mean(dim=1, keepdim=True)
+        return image
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image in [-1, 1] → diffusion variable (a latent sample in latent space)."""
+        if self.vae is None:
+            return images
+        if images.shape[1] != self.vae.config.in_channels:
+            images = images.expand(-1, self.vae.config.in_channels, -1, -1)
+        dist = self.vae.encode(images).latent_dist
+        return dist.sample(generator) * self.vae.config.scaling_factor
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save(self, directory, stats: dict | None = None) -> None:
+        """Write every part in diffusers' ``save_pretrained`` layout (and training ``stats``), atomically."""
+        with atomic_dir(directory) as tmp:
+            if stats is not None:
+                write_json(tmp / "train_stats.json", stats)
+            self.unet.save_pretrained(tmp / "unet")
+            self.controlnet.save_pretrained(tmp / "controlnet")
+            self.noise_scheduler.save_pretrained(tmp / "scheduler")
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae")
+            if self.prompt_embedding is not None:
+                torch.save(self.prompt_embedding.state_dict(), tmp / "prompt_embedding.pt")
+            if self.text_encoder is not None:
+                self.text_encoder.save_pretrained(tmp / "text_encoder")
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
+            write_json(tmp / GENERATOR_META, self.meta)
+
+    @classmethod
+    def load(cls, directory) -> "MaskToImageGenerator":
+        """Load a saved generator with ``from_pretrained``; the result is frozen and in eval mode."""
+        directory = Path(directory)
+        meta = read_json(directory / GENERATOR_META)
+        parts = _load_parts(directory, has_vae=(directory / "vae").exists(),
+                            has_text=(directory / "text_encoder").exists())
+        parts["controlnet"] = ControlNetModel.from_pretrained(directory / "controlnet")
+        parts["noise_scheduler"] = DDPMScheduler.from_pretrained(directory / "scheduler")
+        if parts["text_encoder"] is None:
+            emb = ClassPromptEmbedding(len(meta["class_names"]) - 1, meta["cross_attention_dim"])
+            emb.load_state_dict(torch.load(directory / "prompt_embedding.pt", map_location="cpu"))
+            parts["prompt_embedding"] = emb
+        gen = cls(meta=meta, **parts)
+        gen.requires_grad_(False)
+        return gen.eval()
+
+
+def _load_parts(root, has_vae: bool, has_text: bool) -> dict:
+    """UNet, VAE, text encoder and tokenizer with ``from_pretrained`` from an SD-layout directory or hub id."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = {"unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+             "vae": None, "text_encoder": None, "tokenizer": None}
+    if has_vae:
+        parts["vae"] = AutoencoderKL.from_pretrained(root, subfolder="vae")
+    if has_text:
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    return parts
+
+
+def build_generator(cfg: dict, class_names: list[str], channels: int, resolution, seed: int,
+                    prompt_template: str = "{classes}") -> MaskToImageGenerator:
+    """A trainable generator as the config entry describes it (tiny random-init, or loaded from ``pretrained``).
+
+    ``prompt_template`` is the dataset's, e.g. "a T1-weighted brain MRI slice showing {classes}"."""
+    torch.manual_seed(seed)
+    num_classes = len(class_names)
+    meta = {"class_names": list(class_names), "channels": int(channels),
+            "resolution": [int(r) for r in resolution], "prompt_template": prompt_template}
+    pretrained = cfg.get("pretrained")
+    if pretrained:
+        parts = _load_parts(pretrained, has_vae=True, has_text=True)
+        unet = parts["unet"]
+        factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+        if any(r % factor for r in meta["resolution"]):
+            raise ConfigError("generators.*.pretrained", f"resolution {meta['resolution']} is not divisible by "
+                              f"the VAE's downsampling factor {factor}")
+        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+        prompt_embedding = None
+    else:
+        unet = _tiny_unet(cfg["unet"], channels, meta["resolution"])
+        parts = {"vae": None, "text_encoder": None, "tokenizer": None}
+        factor = 1
+        noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg["beta_schedule"],
+                                        prediction_type="epsilon", clip_sample=False)
+        prompt_embedding = ClassPromptEmbedding(num_classes - 1, cfg["unet"]["cross_attention_dim"])
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ConfigError("generators.*.pretrained", "samplers need an epsilon-predicting UNet, got "
+                          f"prediction_type={noise_scheduler.config.prediction_type!r}")
+    # The conditioning embedding downsamples the mask by 2 per extra stage, to the UNet's input resolution.
+    cond_channels = [16 * 2**i for i in range(int(np.log2(factor)) + 1)]
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cond_channels),
+                                           conditioning_channels=num_classes)
+    meta["cross_attention_dim"] = int(unet.config.cross_attention_dim)
+    return MaskToImageGenerator(unet=unet, controlnet=controlnet, noise_scheduler=noise_scheduler, meta=meta,
+                                vae=parts["vae"], prompt_embedding=prompt_embedding,
+                                text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"])
+
+
+def _tiny_unet(cfg: dict, channels: int, resolution) -> UNet2DConditionModel:
+    """A small UNet2DConditionModel with cross-attention only at the lowest resolution (full-resolution
+    attention costs ~10× more per step on a CPU)."""
+    widths = tuple(cfg["block_out_channels"])
+    return UNet2DConditionModel(
+        sample_size=resolution[0], in_channels=channels, out_channels=channels, block_out_channels=widths,
+        layers_per_block=cfg["layers_per_block"],
+        down_block_types=("DownBlock2D",) * (len(widths) - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (len(widths) - 1),
+        cross_attention_dim=cfg["cross_attention_dim"], attention_head_dim=cfg["attention_head_dim"],
+        norm_num_groups=cfg["norm_num_groups"])

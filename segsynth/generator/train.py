@@ -1,0 +1,119 @@
+"""Fine-tune the mask-to-image generator (the ControlNet recipe of diffusers' ``train_controlnet.py``).
+
+With a pretrained Stable Diffusion the UNet, VAE and text encoder stay frozen and only the ControlNet learns;
+a tiny random-init generator trains its UNet, ControlNet and prompt embedding together (a random UNet knows no
+images). Loss: ε-prediction MSE; the prompt is dropped to the unconditional one with probability
+``prompt_dropout`` so classifier-free guidance works at sampling time. Resumable at every ``checkpoint_every``
+steps; batches and noise come from ``(seed, step)``, so a resumed run matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..data.canonical import load_split, read_meta
+from ..training import Checkpointer, set_torch_threads, step_rng, step_torch_generator
+from .model import build_generator
+
+log = logging.getLogger(__name__)
+
+
+def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: str = "{classes}",
+                    checkpoint_dir=None, threads: int = 1, stop_after: int | None = None) -> dict:
+    """Train the generator described by ``cfg`` on the train split of ``data_dir``; save it to ``out_dir``.
+
+    ``stop_after`` ends the run after that many steps without writing the output (tests use it to simulate a
+    killed job). Returns training statistics, also written to ``out_dir/train_stats.json``.
+    """
+    set_torch_threads(threads)
+    train_cfg = cfg["training"]
+    checkpoint_dir = Path(checkpoint_dir or f"{out_dir}.ckpt")
+    meta = read_meta(data_dir)
+    data = load_split(data_dir, "train")
+    generator = build_generator(cfg, meta["class_names"], meta["channels"], meta["resolution"], seed,
+                                prompt_template)
+
+    pretrained = bool(cfg.get("pretrained"))
+    trainable = [generator.controlnet]
+    if not pretrained or train_cfg["train_unet"]:
+        trainable.append(generator.unet)
+    if generator.prompt_embedding is not None:
+        trainable.append(generator.prompt_embedding)
+    generator.requires_grad_(False)
+    for module in trainable:
+        module.requires_grad_(True)
+    params = [p for m in trainable for p in m.parameters()]
+
+    optimizer = torch.optim.AdamW(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=train_cfg["warmup_steps"])
+    objects = {"trainable": torch.nn.ModuleList(trainable), "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+    ema = None
+    if train_cfg["ema_decay"] > 0:
+        ema = EMAModel(params, decay=train_cfg["ema_decay"], use_ema_warmup=True)
+        objects["ema"] = ema
+    checkpointer = Checkpointer(checkpoint_dir, train_cfg["checkpoint_every"], objects)
+    start = checkpointer.restore()
+
+    steps, batch_size = train_cfg["steps"], train_cfg["batch_size"]
+    scheduler = generator.noise_scheduler
+    images_all = torch.from_numpy(np.ascontiguousarray(data.images)) * 2 - 1
+    masks_all = torch.from_numpy(np.ascontiguousarray(data.masks))
+    generator.train()
+    losses = []
+    began = time.time()
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="generator", mininterval=10):
+        idx = step_rng(seed, step).integers(0, len(images_all), size=batch_size)
+        images, masks = images_all[idx], masks_all[idx]
+        g = step_torch_generator(seed, step)
+        if train_cfg["hflip"]:
+            flip = torch.rand(batch_size, generator=g) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
+        with torch.no_grad():
+            x0 = generator.encode(images, g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        x_t = scheduler.add_noise(x0, noise, t)
+        drop = torch.rand(batch_size, generator=g) < train_cfg["prompt_dropout"]
+        prompt = generator.encode_prompt(masks)
+        if drop.any():
+            uncond = generator.encode_prompt(masks, unconditional=True)
+            prompt = torch.where(drop.view(-1, 1, 1), uncond, prompt)
+        eps = generator.predict_noise(x_t, t, generator.mask_condition(masks), prompt)
+        loss = F.mse_loss(eps.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, train_cfg["grad_clip"])
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        losses.append(loss.item())
+        done = step + 1
+        if done % 50 == 0:
+            log.info("step %d/%d loss %.4f", done, steps, np.mean(losses[-50:]))
+        checkpointer.maybe_save(done, steps)
+        if stop_after is not None and done >= stop_after:
+            checkpointer.save(done)
+            return {"steps": done, "stopped": True}
+
+    if ema is not None:
+        ema.copy_to(params)
+    generator.requires_grad_(False)
+    generator.eval()
+    stats = {"steps": steps, "resumed_from": start, "seconds": round(time.time() - began, 2),
+             "final_loss": float(np.mean(losses[-50:])) if losses else None,
+             "trainable_parameters": sum(p.numel() for p in params)}
+    generator.save(out_dir, stats=stats)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return stats

@@ -1,0 +1,63 @@
+"""Random DDIM sampling ("RD"): the unguided baseline every guided sampler is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Sampler, per_sample_randn, register_sampler, sample_generators
+
+
+class DDIMTrajectory:
+    """The state of one batch's DDIM rollout: conditioning, prompts, scheduler and per-sample noise streams.
+
+    Guided samplers reuse it and change only what happens around ``step``.
+    """
+
+    def __init__(self, generator, masks: torch.Tensor, noise_seeds: list[int], steps: int, eta: float,
+                 guidance_scale: float, initial_noise: torch.Tensor | None = None):
+        self.generator = generator
+        self.eta = eta
+        self.guidance_scale = guidance_scale
+        self.rngs = sample_generators(noise_seeds)
+        self.scheduler = generator.sampling_scheduler()
+        self.scheduler.set_timesteps(steps)
+        with torch.no_grad():
+            self.cond = generator.mask_condition(masks)
+            self.prompt = generator.encode_prompt(masks)
+            self.uncond = generator.encode_prompt(masks, unconditional=True) if guidance_scale != 1.0 else None
+        shape = generator.latent_shape(len(masks))
+        # x_T is the first draw of each sample's stream, so a sampler that replaces it (the Miner) keeps the rest.
+        x_T = per_sample_randn(shape, self.rngs)
+        self.x_T = x_T if initial_noise is None else initial_noise
+        self.x = self.x_T * self.scheduler.init_noise_sigma
+
+    @property
+    def timesteps(self):
+        return self.scheduler.timesteps
+
+    def noise(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        return self.generator.guided_noise(x_t, t, self.cond, self.prompt, self.uncond, self.guidance_scale)
+
+    def step_noise(self) -> torch.Tensor | None:
+        """The σ_t·ε noise of one DDIM step (eq. 10), drawn from each sample's own stream."""
+        return per_sample_randn(self.x.shape, self.rngs) if self.eta > 0 else None
+
+    def step(self, eps: torch.Tensor, t, x_t: torch.Tensor):
+        """One DDIM update x_t → x̃_{t−1}; returns diffusers' output (prev_sample, pred_original_sample)."""
+        return self.scheduler.step(eps, t, x_t, eta=self.eta, variance_noise=self.step_noise())
+
+    def decode(self) -> torch.Tensor:
+        return self.generator.decode(self.x).clamp(-1.0, 1.0)
+
+
+@register_sampler("ddim")
+class DDIMSampler(Sampler):
+    """Unmodified DDIM from N(0, I) noise (diffusers' DDIMScheduler; steps, eta, guidance scale from config)."""
+
+    @torch.no_grad()
+    def sample(self, generator, masks, noise_seeds, value_model=None):
+        traj = DDIMTrajectory(generator, masks, noise_seeds, self.params["steps"], self.params["eta"],
+                              self.params["guidance_scale"])
+        for t in traj.timesteps:
+            traj.x = traj.step(traj.noise(traj.x, t), t, traj.x).prev_sample
+        return traj.decode(), [{} for _ in noise_seeds]

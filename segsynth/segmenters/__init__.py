@@ -1,0 +1,83 @@
+"""Downstream segmenters: the registry of kinds, loading a saved model, and the training entry point.
+
+A config entry names its segmenter by ``kind``; ``SEGMENTERS`` maps each kind to the class that
+trains, saves and reloads it, so adding a network family is one class plus one line here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import ConfigError, InputDataError
+from ..training import set_torch_threads
+from .base import (STATS_FILE, Segmenter, SyntheticSet, TorchSegmenter, load_synthetic_set,
+                   read_model_meta)
+from .monai_nets import MonaiBasicUNet, MonaiUNet
+
+__all__ = [
+    "SEGMENTERS", "Segmenter", "TorchSegmenter", "SyntheticSet", "MonaiUNet", "MonaiBasicUNet",
+    "get_segmenter_class", "load_segmenter", "load_synthetic_set", "train_segmenter", "STATS_FILE",
+]
+
+log = logging.getLogger(__name__)
+
+SEGMENTERS: dict[str, type[Segmenter]] = {cls.kind: cls for cls in (MonaiUNet, MonaiBasicUNet)}
+
+
+def get_segmenter_class(kind: str) -> type[Segmenter]:
+    try:
+        return SEGMENTERS[kind]
+    except KeyError:
+        raise ConfigError("segmenters.kind", f"unknown segmenter kind '{kind}'; known: {sorted(SEGMENTERS)}") from None
+
+
+def load_segmenter(model_dir) -> Segmenter:
+    """Load a saved model of any registered kind (the kind is read from its ``meta.json``)."""
+    return get_segmenter_class(read_model_meta(model_dir)["kind"]).load(model_dir)
+
+
+def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Iterable = (),
+                    checkpoint_dir=None, threads: int = 1) -> None:
+    """Train one segmenter on the real training split pooled with the given synthetic sets.
+
+    Writes the model directory ``out_dir`` (with ``train_stats.json``) atomically. Progress is
+    checkpointed in ``checkpoint_dir`` (default ``<out_dir>.ckpt``), so a killed job resumes where it
+    stopped; the checkpoints are deleted once the model is saved.
+    """
+    from ..data.canonical import load_split, read_meta
+
+    set_torch_threads(threads)
+    out_dir = Path(out_dir)
+    synthetic_dirs = [Path(d) for d in synthetic_dirs]
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".ckpt")
+    class_names = read_meta(data_dir)["class_names"]
+    real = load_split(data_dir, "train")
+    synthetic = [_checked_synthetic_set(d, real.images.shape[1:], len(class_names)) for d in synthetic_dirs]
+    images = np.concatenate([real.images, *(s.images for s in synthetic)])
+    masks = np.concatenate([real.masks, *(s.masks for s in synthetic)])
+
+    segmenter = get_segmenter_class(cfg["kind"])(cfg, images.shape[1], len(class_names), class_names)
+    stats = segmenter.train(images, masks, checkpoint_dir, seed)
+    stats.update(seed=int(seed), n_real=int(len(real.images)), n_synthetic=int(len(images) - len(real.images)),
+                 synthetic_dirs=[str(d) for d in synthetic_dirs])
+    segmenter.save(out_dir, train_stats=stats)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("trained %s (seed %d) on %d real + %d synthetic samples in %.0f s", cfg["kind"], seed,
+             stats["n_real"], stats["n_synthetic"], stats["seconds"])
+
+
+def _checked_synthetic_set(directory, image_shape: tuple, num_classes: int) -> SyntheticSet:
+    """A synthetic set that can be pooled with the real images: same channels, resolution, classes."""
+    synthetic = load_synthetic_set(directory)
+    if synthetic.images.shape[1:] != tuple(image_shape):
+        raise InputDataError(Path(directory) / "images.npy",
+                             f"sample shape {synthetic.images.shape[1:]} differs from the real {tuple(image_shape)}")
+    if synthetic.masks.size and int(synthetic.masks.max()) >= num_classes:
+        raise InputDataError(Path(directory) / "masks.npy",
+                             f"class index {int(synthetic.masks.max())} but the dataset has {num_classes} classes")
+    return synthetic

@@ -1,0 +1,131 @@
+"""The paper's tables: per-class metric means per run, the main comparison table, mask adherence.
+
+Runs are listed in a frame (one row per trained segmenter, with the path of its metrics parquet),
+so the workflow decides which runs exist and these functions only aggregate. Spread is the sample
+standard deviation (ddof = 1) over seeds.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .io import write_parquet, write_text
+
+BASELINE = "baseline"
+RUN_KEYS = ["dataset", "segmenter", "method", "seed"]
+#: Column label, metric, scale and decimals of the main table; DSC is reported in percent.
+MAIN_COLUMNS = (("DSC (%)", "dice", 100.0, 1), ("ASD", "asd", 1.0, 2), ("HD95", "hd95", 1.0, 2))
+
+
+def main_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run, class and metric: nan-mean over cases; plus class "mean", the mean over foreground classes.
+
+    ``runs`` has columns dataset, segmenter, method, seed, path (a parquet written by
+    ``evaluate_segmenter``). Returns long rows: dataset, segmenter, method, seed, class, metric, value.
+    """
+    frames = [_run_means(pd.read_parquet(run.path)).assign(**{key: getattr(run, key) for key in RUN_KEYS})
+              for run in runs.itertuples(index=False)]
+    return pd.concat(frames, ignore_index=True)[[*RUN_KEYS, "class", "metric", "value"]]
+
+
+def _run_means(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One run's case means per class (NaN cases skipped) and their mean over classes as class "mean"."""
+    per_class = (metrics.groupby(["class_index", "class_name", "metric"], sort=True)["value"]
+                 .mean().reset_index().rename(columns={"class_name": "class"}))
+    overall = per_class.groupby("metric", sort=False)["value"].mean().reset_index().assign(**{"class": "mean"})
+    return pd.concat([per_class.drop(columns="class_index"), overall], ignore_index=True)
+
+
+def main_summary(main: pd.DataFrame) -> pd.DataFrame:
+    """The main table in the paper's layout: a row per method (Baseline first), a column block per
+    (dataset, segmenter) with DSC (%), ASD and HD95 as mean ± std over seeds of the class-"mean" value."""
+    means = main[main["class"] == "mean"]
+    blocks = list(dict.fromkeys(zip(means["dataset"], means["segmenter"])))
+    rows = []
+    for method in method_order(means["method"]):
+        row = {"Method": method_label(method)}
+        for dataset, segmenter in blocks:
+            run = means[(means["method"] == method) & (means["dataset"] == dataset) & (means["segmenter"] == segmenter)]
+            for label, metric, scale, decimals in MAIN_COLUMNS:
+                row[f"{dataset} · {segmenter} {label}"] = _mean_std(run.loc[run["metric"] == metric, "value"] * scale,
+                                                                   decimals)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main_markdown(main: pd.DataFrame) -> str:
+    """``main_summary`` as a markdown table under a caption that states the number of seeds."""
+    summary = main_summary(main)
+    lines = ["| " + " | ".join(summary.columns) + " |", "|" + "---|" * len(summary.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary.itertuples(index=False)]
+    return "\n".join([_caption(main[main["class"] == "mean"]), "", *lines]) + "\n"
+
+
+def adherence_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mask adherence per synthetic set: dataset, method, seed, dice (mean over samples of the per-sample
+    foreground Dice from ``score_synthetic``). ``rows`` has columns dataset, method, seed, path."""
+    records = []
+    for row in rows.itertuples(index=False):
+        scores = pd.read_parquet(row.path)
+        records.append({"dataset": row.dataset, "method": row.method, "seed": row.seed,
+                        "dice": scores.loc[scores["class"] == "mean", "dice"].mean()})
+    return pd.DataFrame(records, columns=["dataset", "method", "seed", "dice"])
+
+
+def adherence_markdown(adherence: pd.DataFrame) -> str:
+    """Adherence per dataset and method as "mean ± std" Dice (%) over seeds."""
+    lines = ["| Dataset | Method | Mask adherence DSC (%) |", "|---|---|---|"]
+    for dataset in dict.fromkeys(adherence["dataset"]):
+        rows = adherence[adherence["dataset"] == dataset]
+        for method in method_order(rows["method"]):
+            dice = rows.loc[rows["method"] == method, "dice"] * 100.0
+            lines.append(f"| {dataset} | {method_label(method)} | {_mean_std(dice, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_main_tables(runs: pd.DataFrame, parquet_path, markdown_path, tsv_path) -> pd.DataFrame:
+    """The long parquet, the markdown table and the same summary as TSV (the report renders TSV tables)."""
+    main = main_table(runs)
+    write_parquet(parquet_path, main)
+    write_text(markdown_path, main_markdown(main))
+    write_text(tsv_path, main_summary(main).to_csv(sep="\t", index=False))
+    return main
+
+
+def write_adherence_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> pd.DataFrame:
+    adherence = adherence_table(rows)
+    write_parquet(parquet_path, adherence)
+    write_text(markdown_path, adherence_markdown(adherence))
+    return adherence
+
+
+def method_order(methods: pd.Series) -> list[str]:
+    """Baseline first, then the other methods in the order they first appear."""
+    order = list(dict.fromkeys(methods))
+    return sorted(order, key=lambda method: method != BASELINE)
+
+
+def method_label(method: str) -> str:
+    return "Baseline" if method == BASELINE else method
+
+
+def _mean_std(values: pd.Series, decimals: int) -> str:
+    """"m ± s" over seeds; a single run has no spread, so only its value; no runs, a dash."""
+    values = values.dropna()
+    if values.empty:
+        return "–"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{decimals}f}"
+    return f"{values.mean():.{decimals}f} ± {values.std(ddof=1):.{decimals}f}"
+
+
+def _caption(means: pd.DataFrame) -> str:
+    """States the number of seeds behind each ± (of the non-baseline methods) and how Baseline was run."""
+    seeds = (means[means["method"] != BASELINE]
+             .groupby(["dataset", "segmenter", "method"])["seed"].nunique())
+    counts = sorted(set(seeds.tolist())) or [1]
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    baseline_seeds = means.loc[means["method"] == BASELINE, "seed"].nunique()
+    baseline = "a single real-only run" if baseline_seeds == 1 else f"real-only, {baseline_seeds} seeds"
+    return (f"Mean ± std over n = {n} seeds of the mean over foreground classes (Baseline: {baseline}); "
+            "DSC in %, ASD and HD95 in pixels.")

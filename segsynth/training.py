@@ -1,0 +1,75 @@
+"""What every long trainer shares: per-step randomness, step-interval checkpoints and resume.
+
+Randomness is derived from ``(seed, step)`` rather than carried in a stateful generator, so a run
+resumed from a checkpoint at step ``s`` draws exactly the batches and noise an uninterrupted run
+would have drawn: killed-and-resumed training ends at the same step count with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
+    """A numpy generator for one training step (batch indices, augmentations)."""
+    return np.random.default_rng([seed, step, stream])
+
+
+def step_torch_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU torch generator for one training step (noise, timesteps, dropout of the prompt)."""
+    seq = np.random.SeedSequence([seed, step, stream, 0x5E65])
+    return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+def set_torch_threads(threads: int) -> None:
+    """Use exactly ``threads`` CPU threads; the workflow gives each job its own share of the cores."""
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+class Checkpointer:
+    """Saves ``state_dict``s of the given objects every ``every`` steps into ``directory/last.pt``.
+
+    ``restore`` returns the step to resume from (0 for a fresh run). A checkpoint is written atomically,
+    so a kill during the save leaves the previous checkpoint intact.
+    """
+
+    def __init__(self, directory, every: int, objects: dict):
+        self.path = Path(directory) / "last.pt"
+        self.every = int(every)
+        self.objects = objects
+
+    def restore(self) -> int:
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state["objects"][name])
+        log.info("resumed from %s at step %d", self.path, state["step"])
+        return int(state["step"])
+
+    def save(self, step: int, extra: dict | None = None) -> None:
+        state = {"step": step, "objects": {n: o.state_dict() for n, o in self.objects.items()}}
+        if extra:
+            state["extra"] = extra
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def maybe_save(self, step: int, total: int) -> None:
+        """Save after ``step`` completed steps when on the interval (the final step is saved by the caller's output)."""
+        if self.every > 0 and step % self.every == 0 and step < total:
+            self.save(step)
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()

@@ -1,0 +1,38 @@
+"""Glue between Snakemake's ``script:`` directive and the library: logging, errors, threads.
+
+Each script under ``scripts/`` is ``run_logged(snakemake, function, **arguments)`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+
+from .training import set_torch_threads
+
+
+def run_logged(smk, function, **kwargs):
+    """Call ``function(**kwargs)`` with logging, stdout and stderr (tqdm, warnings) sent to ``smk.log[0]``.
+
+    An exception is written to the log with its traceback and re-raised, so the job fails with the log naming
+    the problem (a ``SegsynthError`` message names the file or config key).
+    """
+    set_torch_threads(smk.threads)
+    with open(smk.log[0], "a", buffering=1) as log_file, contextlib.redirect_stderr(log_file), \
+            contextlib.redirect_stdout(log_file):
+        handler = logging.StreamHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        try:
+            return function(**kwargs)
+        except Exception as err:
+            traceback.print_exc(file=log_file)
+            print(f"segsynth: {type(err).__name__}: {err}", file=sys.__stderr__)
+            raise
+        finally:
+            root.removeHandler(handler)

@@ -1,0 +1,156 @@
+"""Dice / ASD / HD95 on hand-computed cases, the empty-structure policy, and the evaluation entry points."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from segsynth import evaluation
+from segsynth.data import canonical
+from segsynth.evaluation import dice_scores, distance_scores, evaluate_segmenter, score_synthetic
+from segsynth.segmenters import train_segmenter
+
+CLASS_NAMES = ["background", "a", "b"]
+SIZE = 16
+DIAGONAL = math.hypot(SIZE, SIZE)
+
+
+def square(top: int, left: int, side: int = 4, label: int = 1) -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[top:top + side, left:left + side] = label
+    return mask
+
+
+def scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    return {"dice": dice_scores(predicted[None], truth[None], 3)[0],
+            **{k: v[0] for k, v in distance_scores(predicted[None], truth[None], 3).items()}}
+
+
+def test_identical_masks_score_perfectly():
+    mask = square(2, 2) + square(9, 9, label=2)
+    result = scores(mask, mask)
+    np.testing.assert_array_equal(result["dice"], [1.0, 1.0])
+    np.testing.assert_array_equal(result["asd"], [0.0, 0.0])
+    np.testing.assert_array_equal(result["hd95"], [0.0, 0.0])
+
+
+def test_square_shifted_by_one_pixel():
+    # 4x4 squares overlapping in 4x3 pixels: Dice 2*12/32. Of the 12 boundary pixels of each square,
+    # 6 lie on the other's boundary (distance 0) and 6 one pixel away: ASD 0.5, HD95 1.
+    result = scores(square(2, 3), square(2, 2))
+    assert result["dice"][0] == pytest.approx(0.75)
+    assert result["asd"][0] == pytest.approx(0.5)
+    assert result["hd95"][0] == pytest.approx(1.0)
+
+
+def test_empty_structure_policy():
+    truth = square(2, 2)  # class 1 present, class 2 absent
+    missed = np.zeros_like(truth)
+    result = scores(missed, truth)  # class 1 missed; class 2 absent in both
+    assert result["dice"][0] == 0.0 and result["asd"][0] == DIAGONAL and result["hd95"][0] == DIAGONAL
+    assert np.isnan(result["dice"][1]) and np.isnan(result["asd"][1]) and np.isnan(result["hd95"][1])
+
+    hallucinated = truth + square(10, 10, label=2)  # class 2 predicted but absent from the truth
+    result = scores(hallucinated, truth)
+    assert result["dice"].tolist() == [1.0, 0.0]
+    assert result["asd"].tolist() == [0.0, DIAGONAL] and result["hd95"].tolist() == [0.0, DIAGONAL]
+
+
+def test_scores_are_chunked_consistently(monkeypatch):
+    rng = np.random.default_rng(0)
+    truth = np.stack([square(*rng.integers(0, 12, 2)) for _ in range(7)])
+    predicted = np.stack([square(*rng.integers(0, 12, 2)) for _ in range(7)])
+    whole = distance_scores(predicted, truth, 3)
+    monkeypatch.setattr(evaluation, "CHUNK", 3)
+    np.testing.assert_array_equal(distance_scores(predicted, truth, 3)["asd"], whole["asd"])
+
+
+class Oracle:
+    """Stands in for a trained model: predicts the masks it was given (one-hot probabilities)."""
+
+    class_names = CLASS_NAMES
+    num_classes = 3
+
+    def __init__(self, masks: np.ndarray):
+        self.masks = masks
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        rows = [self._row(image) for image in images]
+        return np.eye(3, dtype=np.float32)[self.masks[rows]].transpose(0, 3, 1, 2)
+
+    def _row(self, image: np.ndarray) -> int:
+        return int(round(float(image[0, 0, 0]) * 100))  # each image carries its row number
+
+
+def write_dataset(directory) -> np.ndarray:
+    """Four test samples (two cases): class 2 exists only in the first sample."""
+    masks = np.stack([square(2, 2) + square(9, 9, label=2), square(3, 3), square(1, 5), square(6, 6)])
+    images = np.zeros((4, 1, SIZE, SIZE), dtype=np.float32)
+    images[:, 0, 0, 0] = np.arange(4) / 100
+    index = pd.DataFrame({"sample_id": ["t0", "t1", "t2", "t3"], "case_id": ["c0", "c0", "c1", "c1"],
+                          "split": "test", "source_file": "x.nii.gz", "slice_index": [0, 1, 0, 1]})
+    directory.mkdir(parents=True)
+    np.save(directory / "images.npy", images)
+    np.save(directory / "masks.npy", masks)
+    index.to_parquet(directory / "index.parquet", index=False)
+    (directory / "meta.json").write_text(json.dumps({
+        "dataset": "toy", "kind": "toy", "class_names": CLASS_NAMES, "channels": 1, "resolution": [SIZE, SIZE],
+        "format_version": canonical.FORMAT_VERSION, "n_train": 0, "n_test": 4}))
+    return masks
+
+
+def test_evaluate_segmenter_writes_long_table(tmp_path, monkeypatch):
+    masks = write_dataset(tmp_path / "data")
+    monkeypatch.setattr(evaluation, "load_segmenter", lambda model_dir: Oracle(masks))
+    out = tmp_path / "metrics.parquet"
+    frame = evaluate_segmenter("model", tmp_path / "data", out)
+
+    assert list(frame.columns) == ["sample_id", "case_id", "class_index", "class_name", "metric", "value"]
+    pd.testing.assert_frame_equal(pd.read_parquet(out), frame, check_dtype=False)
+    assert len(frame) == 4 * 2 * 3
+    row = frame.set_index(["sample_id", "class_name", "metric"])["value"]
+    assert row[("t0", "b", "dice")] == 1.0 and row[("t0", "b", "hd95")] == 0.0
+    assert np.isnan(row[("t1", "b", "dice")]) and np.isnan(row[("t3", "b", "asd")])
+    class_a = frame[frame["class_name"] == "a"].groupby("metric")["value"]
+    assert class_a.min().to_dict() == class_a.max().to_dict() == {"asd": 0.0, "dice": 1.0, "hd95": 0.0}
+    assert frame.loc[frame["sample_id"] == "t2", "case_id"].eq("c1").all()
+
+
+def test_score_synthetic_reports_per_class_and_mean(tmp_path, monkeypatch):
+    conditioning = np.stack([square(2, 2) + square(9, 9, label=2), square(3, 3)])
+    predicted = np.stack([square(2, 2), square(3, 3)])  # misses class 2 in the first sample
+    images = np.zeros((2, 1, SIZE, SIZE), dtype=np.float32)
+    images[:, 0, 0, 0] = [0.0, 0.01]
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    np.save(syn / "images.npy", images)
+    np.save(syn / "masks.npy", conditioning)
+    pd.DataFrame({"sample_id": ["g0", "g1"], "source_sample_id": ["t0", "t1"]}).to_parquet(syn / "records.parquet")
+    monkeypatch.setattr(evaluation, "load_segmenter", lambda model_dir: Oracle(predicted))
+
+    frame = score_synthetic("model", syn, tmp_path / "adherence.parquet")
+    dice = frame.set_index(["sample_id", "class"])["dice"]
+    assert dice[("g0", "a")] == 1.0 and dice[("g0", "b")] == 0.0 and dice[("g0", "mean")] == 0.5
+    assert np.isnan(dice[("g1", "b")]) and dice[("g1", "mean")] == 1.0
+    assert (tmp_path / "adherence.parquet").exists()
+
+
+def test_evaluate_trained_model_end_to_end(tmp_path):
+    masks = write_dataset(tmp_path / "data")
+    # the loader needs a train split: append training copies of the test samples
+    data = tmp_path / "data"
+    index = pd.read_parquet(data / "index.parquet")
+    train = index.assign(sample_id="r" + index["sample_id"], case_id="r" + index["case_id"], split="train")
+    pd.concat([index, train]).to_parquet(data / "index.parquet", index=False)
+    np.save(data / "images.npy", np.concatenate([np.load(data / "images.npy")] * 2))
+    np.save(data / "masks.npy", np.concatenate([masks, masks]))
+    cfg = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 2,
+           "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "checkpoint_every": 0, "augment": False}
+    train_segmenter(cfg, data, tmp_path / "model", seed=0)
+
+    frame = evaluate_segmenter(tmp_path / "model", data, tmp_path / "metrics.parquet")
+    assert len(frame) == 4 * 2 * 3 and set(frame["metric"]) == {"dice", "asd", "hd95"}
+    values = frame["value"].dropna()
+    assert values.between(0.0, DIAGONAL).all()

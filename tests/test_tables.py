@@ -1,0 +1,128 @@
+"""Tables from hand-made metric parquets give the expected numbers; figures render to PNG."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from segsynth.data import canonical
+from segsynth.figures import metric_plot, sample_grid
+from segsynth.tables import (adherence_markdown, adherence_table, main_markdown, main_table,
+                             write_adherence_tables, write_main_tables)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics_parquet(path, dice_a: list, dice_b: list, asd: float = 1.0, hd95: float = 4.0):
+    """An evaluate_segmenter-style table: one value per case for classes a and b, per metric."""
+    rows = []
+    for class_index, class_name, dice in ((1, "a", dice_a), (2, "b", dice_b)):
+        for case, value in enumerate(dice):
+            for metric, v in (("dice", value), ("asd", asd), ("hd95", hd95)):
+                rows.append({"sample_id": f"s{case}", "case_id": f"c{case}", "class_index": class_index,
+                             "class_name": class_name, "metric": metric, "value": v})
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path) -> pd.DataFrame:
+    """Baseline (one run) and two seeds each of methods "vgd" and "plain" on one dataset/segmenter.
+
+    Class "mean" Dice: baseline (0.6 + 0.8) / 2 = 0.7; vgd 0.8 and 0.9; plain 0.5 and 0.7.
+    """
+    specs = [("baseline", 0, [0.5, 0.7], [0.8, np.nan]),
+             ("vgd", 0, [0.8, 0.8], [0.8, 0.8]), ("vgd", 1, [0.9, 0.9], [0.9, 0.9]),
+             ("plain", 0, [0.5, 0.5], [0.5, 0.5]), ("plain", 1, [0.7, 0.7], [0.7, 0.7])]
+    return pd.DataFrame([
+        {"dataset": "mni", "segmenter": "monai_unet", "method": method, "seed": seed,
+         "path": metrics_parquet(tmp_path / f"{method}_{seed}.parquet", a, b)}
+        for method, seed, a, b in specs])
+
+
+def test_main_table_means_over_cases_then_classes(runs):
+    main = main_table(runs)
+    assert list(main.columns) == ["dataset", "segmenter", "method", "seed", "class", "metric", "value"]
+    value = main.set_index(["method", "seed", "class", "metric"])["value"]
+    assert value[("baseline", 0, "a", "dice")] == pytest.approx(0.6)
+    assert value[("baseline", 0, "b", "dice")] == pytest.approx(0.8)  # the NaN case is skipped
+    assert value[("baseline", 0, "mean", "dice")] == pytest.approx(0.7)
+    assert value[("vgd", 1, "mean", "dice")] == pytest.approx(0.9)
+    assert value[("plain", 0, "mean", "hd95")] == pytest.approx(4.0)
+    assert len(main) == 5 * 3 * 3  # runs x (a, b, mean) x metrics
+
+
+def test_main_markdown_layout(runs):
+    text = main_markdown(main_table(runs))
+    lines = text.splitlines()
+    assert lines[0].startswith("Mean ± std over n = 2 seeds")
+    assert "| Method | mni · monai_unet DSC (%) | mni · monai_unet ASD | mni · monai_unet HD95 |" in lines
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Method")]
+    # Baseline first without ±, then methods in given order; std is the sample std (ddof = 1)
+    assert rows == ["| Baseline | 70.0 | 1.00 | 4.00 |",
+                    "| vgd | 85.0 ± 7.1 | 1.00 ± 0.00 | 4.00 ± 0.00 |",
+                    "| plain | 60.0 ± 14.1 | 1.00 ± 0.00 | 4.00 ± 0.00 |"]
+
+
+def adherence_rows(tmp_path) -> pd.DataFrame:
+    rows = []
+    for method, seed, sample_means in (("vgd", 0, [0.8, 1.0]), ("vgd", 1, [0.6, np.nan]), ("plain", 0, [0.5, 0.5])):
+        path = tmp_path / f"adh_{method}_{seed}.parquet"
+        pd.DataFrame({"sample_id": ["g0", "g1", "g0", "g1"], "class": ["a", "a", "mean", "mean"],
+                      "dice": [0.0, 0.0, *sample_means]}).to_parquet(path)
+        rows.append({"dataset": "d", "method": method, "seed": seed, "path": path})
+    return pd.DataFrame(rows)
+
+
+def test_adherence_table_and_markdown(tmp_path):
+    adherence = adherence_table(adherence_rows(tmp_path))
+    assert adherence.to_dict("list") == {"dataset": ["d"] * 3, "method": ["vgd", "vgd", "plain"], "seed": [0, 1, 0],
+                                         "dice": [pytest.approx(0.9), pytest.approx(0.6), pytest.approx(0.5)]}
+    assert "| d | vgd | 75.0 ± 21.2 |" in adherence_markdown(adherence)
+    assert "| d | plain | 50.0 |" in adherence_markdown(adherence)
+
+
+def test_writers_are_consistent(tmp_path, runs):
+    main = write_main_tables(runs, tmp_path / "main.parquet", tmp_path / "main.md", tmp_path / "main.tsv")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "main.parquet"), main, check_dtype=False)
+    assert (tmp_path / "main.md").read_text() == main_markdown(main)
+    write_adherence_tables(adherence_rows(tmp_path), tmp_path / "adh.parquet", tmp_path / "adh.md")
+    assert "Mask adherence" in (tmp_path / "adh.md").read_text()
+
+
+def write_dataset(directory, n: int = 4, size: int = 16):
+    rng = np.random.default_rng(0)
+    masks = rng.integers(0, 3, size=(n, size, size)).astype(np.uint8)
+    index = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "case_id": [f"c{i}" for i in range(n)],
+                          "split": ["train"] * (n - 1) + ["test"], "source_file": "x", "slice_index": 0})
+    directory.mkdir()
+    np.save(directory / "images.npy", rng.uniform(size=(n, 1, size, size)).astype(np.float32))
+    np.save(directory / "masks.npy", masks)
+    index.to_parquet(directory / "index.parquet", index=False)
+    (directory / "meta.json").write_text(json.dumps({
+        "dataset": "toy", "kind": "toy", "class_names": ["bg", "a", "b"], "channels": 1, "resolution": [size, size],
+        "format_version": canonical.FORMAT_VERSION, "n_train": n - 1, "n_test": 1}))
+    return directory
+
+
+def write_synthetic(directory, sources: list[str], size: int = 16):
+    rng = np.random.default_rng(1)
+    directory.mkdir()
+    np.save(directory / "images.npy", rng.uniform(size=(len(sources), 1, size, size)).astype(np.float32))
+    np.save(directory / "masks.npy", np.zeros((len(sources), size, size), dtype=np.uint8))
+    pd.DataFrame({"sample_id": [f"g{i}" for i in range(len(sources))],
+                  "source_sample_id": sources}).to_parquet(directory / "records.parquet")
+    return directory
+
+
+def test_figures_render_png(tmp_path, runs):
+    data = write_dataset(tmp_path / "data")
+    synthetic = {"vgd": write_synthetic(tmp_path / "vgd", ["s2", "s0", "s0", "s1"]),
+                 "plain": write_synthetic(tmp_path / "plain", ["s1", "s2"])}
+    sample_grid(data, synthetic, tmp_path / "figs" / "grid.png", n=6)
+    metric_plot(main_table(runs), tmp_path / "figs" / "dice.png")
+    for name in ("grid.png", "dice.png"):
+        content = (tmp_path / "figs" / name).read_bytes()
+        assert content.startswith(PNG_MAGIC) and len(content) > 1000
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["dice.png", "grid.png"]

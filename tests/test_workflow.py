@@ -1,0 +1,113 @@
+"""The workflow as a user runs it: dry-run, lint, config validation, and the whole DAG end to end on a tiny
+config, including incremental reruns."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+E2E_CONFIG = REPO / "tests" / "config" / "e2e.yaml"
+STAGES = {"splits", "train_generator", "train_segmenter_real", "synthesize", "mask_adherence",
+          "train_segmenter_augmented", "evaluate_real", "evaluate_augmented", "main_table", "adherence_table",
+          "dice_figure", "sample_figure"}
+
+
+def snakemake(*args, cwd, timeout=900):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run(["timeout", "-k", "15", str(timeout), SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    table = output.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)
+            if m.group(1) not in ("total", "job")}
+
+
+def test_dry_run_of_the_default_config_lists_every_stage(tmp_path):
+    result = snakemake("-n", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert STAGES <= set(counts)
+    assert counts["synthesize"] == 3 and counts["train_segmenter_augmented"] == 3  # 3 synthesis seeds
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint", cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["datasets"]["mni152"].update(bogus=1), "bogus"),
+    (lambda c: c["synthesis"].update(steps="many"), "many"),
+    (lambda c: c["synthesis"].update(eta=3), "eta"),
+    (lambda c: c["run"].update(methods=["nope"]), "nope"),
+    (lambda c: c["methods"].update(rd={"sampler": "magic"}), "magic"),
+])
+def test_invalid_config_is_refused_before_anything_runs(tmp_path, edit, message):
+    config = yaml.safe_load(E2E_CONFIG.read_text())
+    edit(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake("-n", "--configfile", str(path), cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
+    config = tmp_path / "config.yaml"
+    shutil.copy(E2E_CONFIG, config)
+    run = snakemake("--configfile", str(config), "--cores", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    results = tmp_path / "results"
+    main = pd.read_parquet(results / "tables" / "main.parquet")
+    assert list(main.columns) == ["dataset", "segmenter", "method", "seed", "class", "metric", "value"]
+    assert set(main["method"]) == {"baseline", "rd", "rd_eta0"}
+    assert set(main.loc[main["method"] == "rd", "seed"]) == {0, 1}
+    assert set(main["metric"]) == {"dice", "asd", "hd95"}
+    assert set(main["class"]) == {"csf", "gm", "wm", "mean"}
+    dice = main[(main["metric"] == "dice") & (main["class"] == "mean")]["value"]
+    assert np.isfinite(dice).all() and ((dice >= 0) & (dice <= 1)).all()
+    markdown = (results / "tables" / "main.md").read_text()
+    assert "| Baseline |" in markdown and "| rd |" in markdown and "±" in markdown
+    adherence = pd.read_parquet(results / "tables" / "adherence.parquet")
+    assert len(adherence) == 4 and {"method", "seed", "dice"} <= set(adherence.columns)
+    for figure in ("dice.png", "samples_mni152_tiny.png"):
+        assert (results / "figures" / figure).stat().st_size > 1000
+    # every costly rule left a benchmark file and every rule a log
+    assert (tmp_path / "benchmarks" / "mni152" / "generators" / "tiny.tsv").exists()
+    assert (tmp_path / "logs" / "mni152" / "splits.log").exists()
+    # each synthetic set records the value terms of every sample under f_θ
+    records = pd.read_parquet(results / "mni152" / "synthetic" / "tiny" / "rd" / "seed0" / "records.parquet")
+    assert {"value", "ce", "margin"} <= set(records.columns) and records["value"].notna().all()
+
+    again = snakemake("-n", "--configfile", str(config), cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    # Changing one method's parameter reruns that method's jobs and what depends on them, nothing else.
+    edited = yaml.safe_load(config.read_text())
+    edited["methods"]["rd_eta0"]["steps"] = 4
+    config.write_text(yaml.safe_dump(edited))
+    dry = snakemake("-n", "--configfile", str(config), cwd=tmp_path, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    counts = job_counts(dry.stdout)
+    assert counts["synthesize"] == 2 and counts["train_segmenter_augmented"] == 2
+    assert counts["evaluate_augmented"] == 2 and counts["mask_adherence"] == 2
+    for untouched in ("splits", "train_generator", "train_segmenter_real", "evaluate_real"):
+        assert untouched not in counts
+    assert "rd_eta0" in dry.stdout and "/rd/seed" not in dry.stdout
