@@ -85,7 +85,8 @@ def adherence_runs():
 
 def sample_figures():
     return expand(
-        "results/figures/samples_{dataset}_{generator}.png",
+        "results/figures/{figure}_{dataset}_{generator}.png",
+        figure=["samples", "values"],
         dataset=RUN["datasets"],
         generator=RUN["generators"],
     )
@@ -98,5 +99,6 @@ def final_outputs():
         "results/tables/main.tsv",
         "results/tables/adherence.parquet",
         "results/tables/adherence.md",
+        "results/tables/cost.md",
         "results/figures/dice.png",
     ] + sample_figures()

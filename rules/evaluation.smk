@@ -7,6 +7,8 @@ rule evaluate_real:
         "results/{dataset}/eval/{segmenter}/real.parquet",
     log:
         "logs/{dataset}/eval/{segmenter}/real.log",
+    benchmark:
+        "benchmarks/{dataset}/eval/{segmenter}/real.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -26,6 +28,8 @@ rule evaluate_augmented:
         "results/{dataset}/eval/{segmenter}/{generator}/{method}/seed{seed}.parquet",
     log:
         "logs/{dataset}/eval/{segmenter}/{generator}/{method}/seed{seed}.log",
+    benchmark:
+        "benchmarks/{dataset}/eval/{segmenter}/{generator}/{method}/seed{seed}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1

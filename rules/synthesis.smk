@@ -30,6 +30,8 @@ rule mask_adherence:
         "results/{dataset}/adherence/{generator}/{method}/seed{seed}.parquet",
     log:
         "logs/{dataset}/adherence/{generator}/{method}/seed{seed}.log",
+    benchmark:
+        "benchmarks/{dataset}/adherence/{generator}/{method}/seed{seed}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1

@@ -1,8 +1,10 @@
 localrules:
     main_table,
+    cost_table,
     adherence_table,
     dice_figure,
     sample_figure,
+    value_figure,
 
 
 rule main_table:
@@ -94,3 +96,54 @@ rule sample_figure:
         "../envs/tables.yaml"
     script:
         "../scripts/sample_figure.py"
+
+
+rule cost_table:
+    """What the run cost: per stage, wall seconds and peak memory from the jobs' benchmark files."""
+    input:
+        # Runs last: after every evaluated model and every synthetic set.
+        "results/tables/main.parquet",
+        "results/tables/adherence.parquet",
+    output:
+        parquet="results/tables/cost.parquet",
+        markdown=report(
+            "results/tables/cost.md",
+            caption="../report/cost.rst",
+            category="Tables",
+            labels={"table": "cost"},
+        ),
+    params:
+        benchmarks="benchmarks",
+    log:
+        "logs/tables/cost.log",
+    conda:
+        "../envs/tables.yaml"
+    script:
+        "../scripts/cost_table.py"
+
+
+rule value_figure:
+    """Distribution of the per-sample value score under f_θ for every method (VGD paper, Fig. 1 and 5a)."""
+    input:
+        lambda wc: expand(
+            "results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
+            dataset=wc.dataset,
+            generator=wc.generator,
+            method=RUN["methods"],
+            seed=SEEDS,
+        ),
+    output:
+        report(
+            "results/figures/values_{dataset}_{generator}.png",
+            caption="../report/values.rst",
+            category="Figures",
+            labels={"figure": "value distribution", "dataset": "{dataset}", "generator": "{generator}"},
+        ),
+    params:
+        keys=[(m, s) for m in RUN["methods"] for s in SEEDS],
+    log:
+        "logs/figures/values_{dataset}_{generator}.log",
+    conda:
+        "../envs/tables.yaml"
+    script:
+        "../scripts/value_figure.py"

@@ -24,8 +24,9 @@ PANEL_INCHES = 1.6
 
 
 def sample_grid(data_dir, synthetic_dirs: dict[str, Path], out_png, n: int = 6, split: str = "train") -> None:
-    """Columns: ``n`` conditioning masks of ``split``; rows: the real image, its mask, then one synthetic
-    image per method generated from that same mask (``records.parquet`` column ``source_sample_id``).
+    """Columns: ``n`` conditioning masks of ``split``, evenly spread over the dataset's order (for slices of a
+    volume: across the anatomy); rows: the real image, its mask, then one synthetic image per method generated
+    from that same mask (``records.parquet`` column ``source_sample_id``).
 
     Only the first image channel is shown, in grey; masks use a categorical colormap (background black).
     """
@@ -34,7 +35,8 @@ def sample_grid(data_dir, synthetic_dirs: dict[str, Path], out_png, n: int = 6, 
     class_names = read_meta(data_dir)["class_names"]
     real = load_split(data_dir, split)
     sets = {label: load_synthetic_set(directory) for label, directory in synthetic_dirs.items()}
-    sources = _shared_sources(real.index["sample_id"], sets, synthetic_dirs)[:n]
+    shared = _shared_sources(real.index["sample_id"], sets, synthetic_dirs)
+    sources = [shared[i] for i in np.unique(np.linspace(0, len(shared) - 1, min(n, len(shared))).round().astype(int))]
     if not sources:
         raise InputDataError(data_dir, f"no {split} sample conditioned every synthetic set {list(synthetic_dirs)}")
     real_row = {sample_id: row for row, sample_id in enumerate(real.index["sample_id"])}
@@ -76,6 +78,32 @@ def metric_plot(main: pd.DataFrame, out_png) -> None:
         ax.set_title(f"{dataset} · {segmenter}")
         ax.set_xlabel("")
         ax.set_ylabel("DSC (%)")
+        ax.tick_params(axis="x", labelrotation=45)
+    _save_png(fig, out_png)
+
+
+def value_distribution(synthetic_dirs: dict[str, Path], out_png) -> None:
+    """Per-sample value score V under f_θ (and its CE and margin terms) of every synthetic set, one violin per
+    method over all its seeds — the paper's value distributions (VGD Fig. 1 and 5a)."""
+    frames = []
+    for (method, seed), directory in synthetic_dirs.items():
+        records = pd.read_parquet(Path(directory) / "records.parquet")
+        missing = {"value", "ce", "margin"} - set(records.columns)
+        if missing:
+            raise InputDataError(Path(directory) / "records.parquet", f"lacks value columns {sorted(missing)}")
+        frames.append(records[["value", "ce", "margin"]].assign(method=method_label(method), seed=seed))
+    values = pd.concat(frames, ignore_index=True).melt(id_vars=["method", "seed"], var_name="term",
+                                                                   value_name="score")
+    order = list(dict.fromkeys(values["method"]))
+    fig = Figure(figsize=(max(4.0, 0.9 * len(order)) * 3, 3.5), layout="constrained")
+    axes = fig.subplots(1, 3, squeeze=False)[0]
+    titles = {"value": "value V = ζ(CE) + λ·M_s", "ce": "normalised CE", "margin": "margin uncertainty M_s"}
+    for ax, term in zip(axes, ("value", "ce", "margin")):
+        sns.violinplot(data=values[values["term"] == term], x="method", y="score", order=order, cut=0,
+                       inner="quartile", color="#c6dbef", ax=ax)
+        ax.set_title(titles[term])
+        ax.set_xlabel("")
+        ax.set_ylabel("")
         ax.tick_params(axis="x", labelrotation=45)
     _save_png(fig, out_png)
 

@@ -129,3 +129,44 @@ def _caption(means: pd.DataFrame) -> str:
     baseline = "a single real-only run" if baseline_seeds == 1 else f"real-only, {baseline_seeds} seeds"
     return (f"Mean ± std over n = {n} seeds of the mean over foreground classes (Baseline: {baseline}); "
             "DSC in %, ASD and HD95 in pixels.")
+
+
+def cost_table(benchmark_dir) -> pd.DataFrame:
+    """Per rule: job count, summed and longest wall seconds, and the largest peak RSS (MiB) over its jobs,
+    read from the Snakemake ``benchmark:`` files (s, max_rss columns) under ``benchmark_dir``."""
+    from pathlib import Path
+
+    rows = []
+    for path in sorted(Path(benchmark_dir).rglob("*.tsv")):
+        bench = pd.read_csv(path, sep="\t")
+        rows.append({"stage": _stage_of(path.relative_to(benchmark_dir)), "seconds": float(bench["s"].iloc[-1]),
+                     "max_rss_mib": float(pd.to_numeric(bench["max_rss"], errors="coerce").iloc[-1])})
+    frame = pd.DataFrame(rows, columns=["stage", "seconds", "max_rss_mib"])
+    return (frame.groupby("stage", sort=False)
+            .agg(jobs=("seconds", "size"), total_s=("seconds", "sum"), longest_s=("seconds", "max"),
+                 max_rss_mib=("max_rss_mib", "max"))
+            .reset_index())
+
+
+def _stage_of(relative) -> str:
+    """benchmarks/{dataset}/{stage}/... → stage (splits.tsv → splits; segmenters/x/real.tsv → segmenters real)."""
+    parts = relative.with_suffix("").parts[1:]
+    if parts[0] == "segmenters":
+        return "segmenters (real)" if parts[-1] == "real" else "segmenters (real + synthetic)"
+    return parts[0]
+
+
+def cost_markdown(costs: pd.DataFrame) -> str:
+    lines = ["| Stage | Jobs | Total s | Longest job s | Peak RSS MiB |", "|---|---|---|---|---|"]
+    lines += [f"| {r.stage} | {r.jobs} | {r.total_s:.0f} | {r.longest_s:.0f} | {r.max_rss_mib:.0f} |"
+              for r in costs.itertuples(index=False)]
+    lines.append(f"| all | {costs['jobs'].sum()} | {costs['total_s'].sum():.0f} | "
+                 f"{costs['longest_s'].max():.0f} | {costs['max_rss_mib'].max():.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_cost_tables(benchmark_dir, parquet_path, markdown_path) -> pd.DataFrame:
+    costs = cost_table(benchmark_dir)
+    write_parquet(parquet_path, costs)
+    write_text(markdown_path, cost_markdown(costs))
+    return costs

@@ -30,6 +30,11 @@ def step_torch_generator(seed: int, step: int, stream: int = 0) -> torch.Generat
     return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
+def default_device() -> torch.device:
+    """The GPU when there is one (a cluster job with gpu=1), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def set_torch_threads(threads: int) -> None:
     """Use exactly ``threads`` CPU threads; the workflow gives each job its own share of the cores."""
     threads = max(1, int(threads))

@@ -3,7 +3,8 @@
 Two ways to build one, one way to load it:
 - ``build_generator(cfg, ...)`` with ``cfg["pretrained"]`` unset makes a tiny, randomly initialised model that
   works in pixel space (no VAE: a random VAE decodes noise, and training one costs more CPU time than the pixel
-  UNet saves) and encodes the class prompt with a learned embedding table;
+  UNet saves) and encodes the class prompt with a learned embedding table; as pixel-space DDPMs do, its
+  scheduler clips the Tweedie estimate x̂0 to the image range [-1, 1] during sampling;
 - with ``cfg["pretrained"]`` set to a Stable Diffusion directory (or hub id on a machine that has one cached) it
   loads UNet, VAE, CLIP text encoder and tokenizer with ``from_pretrained`` and initialises the ControlNet from the
   UNet, as diffusers' ``train_controlnet.py`` does; it then works in the VAE's latent space.
@@ -80,6 +81,10 @@ class MaskToImageGenerator(torch.nn.Module):
         return int(self.meta["channels"])
 
     @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
     def latent_space(self) -> bool:
         return self.vae is not None
 
@@ -97,7 +102,7 @@ class MaskToImageGenerator(torch.nn.Module):
     # -- conditioning -----------------------------------------------------------------------------------------
     def mask_condition(self, masks: torch.Tensor) -> torch.Tensor:
         """(B, H, W) class indices → (B, K, H, W) one-hot float, the ControlNet's conditioning image."""
-        return F.one_hot(masks.long(), self.num_classes).permute(0, 3, 1, 2).float()
+        return F.one_hot(masks.to(self.device).long(), self.num_classes).permute(0, 3, 1, 2).float()
 
     def prompt_text(self, present: torch.Tensor) -> list[str]:
         names = self.class_names[1:]
@@ -106,6 +111,7 @@ class MaskToImageGenerator(torch.nn.Module):
 
     def encode_prompt(self, masks: torch.Tensor, unconditional: bool = False) -> torch.Tensor:
         """The class prompt of each mask (or the unconditional prompt) as encoder hidden states."""
+        masks = masks.to(self.device)
         present = torch.stack([(masks == c).flatten(1).any(1) for c in range(1, self.num_classes)], dim=1)
         if unconditional:
             present = torch.zeros_like(present)
@@ -225,7 +231,7 @@ def build_generator(cfg: dict, class_names: list[str], channels: int, resolution
         parts = {"vae": None, "text_encoder": None, "tokenizer": None}
         factor = 1
         noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg["beta_schedule"],
-                                        prediction_type="epsilon", clip_sample=False)
+                                        prediction_type="epsilon", clip_sample=True)
         prompt_embedding = ClassPromptEmbedding(num_classes - 1, cfg["unet"]["cross_attention_dim"])
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ConfigError("generators.*.pretrained", "samplers need an epsilon-predicting UNet, got "

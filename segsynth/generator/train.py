@@ -3,7 +3,7 @@
 With a pretrained Stable Diffusion the UNet, VAE and text encoder stay frozen and only the ControlNet learns;
 a tiny random-init generator trains its UNet, ControlNet and prompt embedding together (a random UNet knows no
 images). Loss: ε-prediction MSE; the prompt is dropped to the unconditional one with probability
-``prompt_dropout`` so classifier-free guidance works at sampling time. Resumable at every ``checkpoint_every``
+``prompt_dropout`` so classifier-free guidance works at sampling time; optional Min-SNR-γ loss weighting. Resumable at every ``checkpoint_every``
 steps; batches and noise come from ``(seed, step)``, so a resumed run matches an uninterrupted one.
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from ..data.canonical import load_split, read_meta
-from ..training import Checkpointer, set_torch_threads, step_rng, step_torch_generator
+from ..training import Checkpointer, default_device, set_torch_threads, step_rng, step_torch_generator
 from .model import build_generator
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     checkpoint_dir = Path(checkpoint_dir or f"{out_dir}.ckpt")
     meta = read_meta(data_dir)
     data = load_split(data_dir, "train")
+    device = default_device()
     generator = build_generator(cfg, meta["class_names"], meta["channels"], meta["resolution"], seed,
-                                prompt_template)
+                                prompt_template).to(device)
 
     pretrained = bool(cfg.get("pretrained"))
     trainable = [generator.controlnet]
@@ -74,23 +75,30 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="generator", mininterval=10):
         idx = step_rng(seed, step).integers(0, len(images_all), size=batch_size)
         images, masks = images_all[idx], masks_all[idx]
+        # Randomness is drawn on the CPU (same numbers on any device), then the batch moves to the device.
         g = step_torch_generator(seed, step)
         if train_cfg["hflip"]:
             flip = torch.rand(batch_size, generator=g) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
+        images, masks = images.to(device), masks.to(device)
         with torch.no_grad():
-            x0 = generator.encode(images, g)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+            x0 = generator.encode(images, g)  # diffusers draws CPU-generator noise on the CPU and moves it
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g).to(device)
         x_t = scheduler.add_noise(x0, noise, t)
-        drop = torch.rand(batch_size, generator=g) < train_cfg["prompt_dropout"]
+        drop = (torch.rand(batch_size, generator=g) < train_cfg["prompt_dropout"]).to(device)
         prompt = generator.encode_prompt(masks)
         if drop.any():
             uncond = generator.encode_prompt(masks, unconditional=True)
             prompt = torch.where(drop.view(-1, 1, 1), uncond, prompt)
         eps = generator.predict_noise(x_t, t, generator.mask_condition(masks), prompt)
-        loss = F.mse_loss(eps.float(), noise.float())
+        loss = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+        if train_cfg.get("snr_gamma"):
+            # Min-SNR-γ weighting (Hang et al. 2023, as in diffusers' training examples): min(SNR, γ)/SNR for ε.
+            snr = compute_snr(scheduler, t)
+            loss = loss * torch.clamp(snr, max=train_cfg["snr_gamma"]) / snr
+        loss = loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train_cfg["grad_clip"])
         optimizer.step()
@@ -109,6 +117,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
 
     if ema is not None:
         ema.copy_to(params)
+    generator.to("cpu")
     generator.requires_grad_(False)
     generator.eval()
     stats = {"steps": steps, "resumed_from": start, "seconds": round(time.time() - began, 2),

@@ -38,9 +38,13 @@ class Sampler(ABC):
         self.params = params
 
     @abstractmethod
-    def sample(self, generator, masks: torch.Tensor, noise_seeds: list[int], value_model=None
-               ) -> tuple[torch.Tensor, list[dict]]:
-        """Images in [-1, 1], (B, C, H, W), and one dict of sampler-specific record fields per sample."""
+    def sample(self, generator, masks: torch.Tensor, noise_seeds: list[int], value_model=None,
+               source_images: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """Images in [-1, 1], (B, C, H, W), and one dict of sampler-specific record fields per sample.
+
+        ``masks`` (B, H, W) are the conditioning masks; ``source_images`` (B, C, H, W, in [-1, 1]) are the real
+        training images those masks belong to, for samplers that edit real images (DiffAug, AugPaint); the
+        frozen segmenter f_θ is ``value_model`` (generator-range images → class probabilities)."""
 
 
 SAMPLERS: dict[str, type[Sampler]] = {}

@@ -27,8 +27,9 @@ class DDIMTrajectory:
             self.uncond = generator.encode_prompt(masks, unconditional=True) if guidance_scale != 1.0 else None
         shape = generator.latent_shape(len(masks))
         # x_T is the first draw of each sample's stream, so a sampler that replaces it (the Miner) keeps the rest.
-        x_T = per_sample_randn(shape, self.rngs)
-        self.x_T = x_T if initial_noise is None else initial_noise
+        # Noise is drawn on the CPU from each sample's stream and moved, so a GPU run draws the same numbers.
+        x_T = per_sample_randn(shape, self.rngs).to(generator.device)
+        self.x_T = x_T if initial_noise is None else initial_noise.to(generator.device)
         self.x = self.x_T * self.scheduler.init_noise_sigma
 
     @property
@@ -40,7 +41,7 @@ class DDIMTrajectory:
 
     def step_noise(self) -> torch.Tensor | None:
         """The σ_t·ε noise of one DDIM step (eq. 10), drawn from each sample's own stream."""
-        return per_sample_randn(self.x.shape, self.rngs) if self.eta > 0 else None
+        return per_sample_randn(self.x.shape, self.rngs).to(self.x.device) if self.eta > 0 else None
 
     def step(self, eps: torch.Tensor, t, x_t: torch.Tensor):
         """One DDIM update x_t → x̃_{t−1}; returns diffusers' output (prev_sample, pred_original_sample)."""
@@ -55,7 +56,7 @@ class DDIMSampler(Sampler):
     """Unmodified DDIM from N(0, I) noise (diffusers' DDIMScheduler; steps, eta, guidance scale from config)."""
 
     @torch.no_grad()
-    def sample(self, generator, masks, noise_seeds, value_model=None):
+    def sample(self, generator, masks, noise_seeds, value_model=None, source_images=None):
         traj = DDIMTrajectory(generator, masks, noise_seeds, self.params["steps"], self.params["eta"],
                               self.params["guidance_scale"])
         for t in traj.timesteps:

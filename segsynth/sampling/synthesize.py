@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data.canonical import load_split
 from ..generator import MaskToImageGenerator
 from ..io import atomic_dir, save_array, write_json, write_parquet
-from ..training import set_torch_threads
+from ..training import default_device, set_torch_threads
 from .base import build_sampler, noise_seed
 from .value import value_terms
 
@@ -39,12 +39,13 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
                threads: int = 1) -> pd.DataFrame:
     """Run the sampler of ``method`` and write the synthetic set to ``out_dir``; returns its records."""
     set_torch_threads(threads)
-    generator = MaskToImageGenerator.load(generator_dir)
+    device = default_device()
+    generator = MaskToImageGenerator.load(generator_dir).to(device)
     sampler = build_sampler(method, params)
     value_model = None
     if value_model_dir is not None:
         from ..segmenters import load_segmenter
-        value_model = load_segmenter(value_model_dir).as_value_model()
+        value_model = load_segmenter(value_model_dir).as_value_model().to(device)
     elif sampler.needs_value_model:
         raise ValueError(f"method {method!r} needs the frozen segmenter f_θ (value_model_dir)")
 
@@ -55,14 +56,16 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
     began = time.time()
     for start in tqdm(range(0, len(sources), batch), desc=f"{method} seed {seed}", mininterval=10):
         idx = np.arange(start, min(start + batch, len(sources)))
-        masks = torch.from_numpy(np.ascontiguousarray(train.masks[sources[idx]]))
-        x, extra = sampler.sample(generator, masks, [noise_seed(seed, int(i)) for i in idx], value_model)
+        masks = torch.from_numpy(np.ascontiguousarray(train.masks[sources[idx]])).to(device)
+        source_images = torch.from_numpy(np.ascontiguousarray(train.images[sources[idx]])).to(device) * 2 - 1
+        x, extra = sampler.sample(generator, masks, [noise_seed(seed, int(i)) for i in idx], value_model,
+                                  source_images)
         if value_model is not None:
             with torch.no_grad():
                 terms = value_terms(value_model(x), masks)
             for row, j in zip(extra, range(len(idx))):
                 row.update({k: float(v[j]) for k, v in terms.items()})
-        images.append(((x.detach() + 1) / 2).clamp(0, 1).numpy().astype(np.float32))
+        images.append(((x.detach() + 1) / 2).clamp(0, 1).cpu().numpy().astype(np.float32))
         records.extend(extra)
     seconds = time.time() - began
 

@@ -24,7 +24,7 @@ from monai.losses import DiceCELoss
 
 from ..errors import ConfigError, InputDataError
 from ..io import atomic_dir, read_json, write_json
-from ..training import Checkpointer, step_rng
+from ..training import Checkpointer, default_device, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,7 @@ class TorchSegmenter(Segmenter):
         self.network = network.eval()
 
 
-def default_device() -> torch.device:
-    """The GPU when there is one: the same code trains on a laptop CPU and on a cluster node."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 
 @dataclass
