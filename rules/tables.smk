@@ -140,7 +140,7 @@ rule value_figure:
             labels={"figure": "value distribution", "dataset": "{dataset}", "generator": "{generator}"},
         ),
     params:
-        keys=[(m, s) for m in RUN["methods"] for s in SEEDS],
+        sets=[(m, s) for m in RUN["methods"] for s in SEEDS],
     log:
         "logs/figures/values_{dataset}_{generator}.log",
     conda:
