@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 import traceback
 
 from .training import set_torch_threads
@@ -28,8 +29,11 @@ def run_logged(smk, function, **kwargs):
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
+        began = time.time()
         try:
-            return function(**kwargs)
+            result = function(**kwargs)
+            logging.getLogger(__name__).info("%s finished in %.1f s", function.__name__, time.time() - began)
+            return result
         except Exception as err:
             traceback.print_exc(file=log_file)
             print(f"segsynth: {type(err).__name__}: {err}", file=sys.__stderr__)

@@ -36,7 +36,7 @@ def models(tmp_path_factory):
     masks = torch.from_numpy(load_split(data, "train").masks[:4].copy())
     return {"gen": MaskToImageGenerator.load(root / "gen"),
             "f": load_segmenter(root / "seg").as_value_model(),
-            "masks": masks, "seeds": [noise_seed(3, i) for i in range(len(masks))]}
+            "masks": masks, "seeds": [noise_seed(3, i) for i in range(len(masks))], "root": root}
 
 
 def vgd(**overrides):
@@ -213,6 +213,28 @@ def test_tiny_decoder_lever_on_a_latent_generator(models, tmp_path):
 def test_vgd_needs_f_theta(models):
     with pytest.raises(ValueError, match="value_model"):
         vgd().sample(models["gen"], models["masks"], models["seeds"], None)
+
+
+def test_bench_prints_one_json_line_per_run(models, repo_root, capsys):
+    import json
+
+    from segsynth.bench import main
+
+    root = models["root"]
+    common = ["sampling", "--config", str(repo_root / "config.yaml"), "--generator", str(root / "gen"),
+              "--segmenter", str(root / "seg"), "--data", str(root / "data"), "--steps", "2", "--n-images", "3",
+              "--batch-size", "3", "--repeats", "1"]
+    assert main(common) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(line)
+    assert {"ddim_s_per_image", "vgd_s_per_image", "ratio", "ddim_value", "vgd_value"} <= set(result)
+    assert result["ratio"] > 0 and result["steps"] == 2 and result["n_images"] == 3
+    assert main(common + ["--levers", "--only", "detached"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["variant"] for r in rows] == ["naive", "detached"]
+    assert all({"s_per_image", "ratio", "value", "rd_value", "gain_kept"} <= set(r) for r in rows)
+    missing = ["sampling", "--config", str(repo_root / "config.yaml"), "--generator", str(root / "nope")]
+    assert main(missing) == 2 and "make demo" in capsys.readouterr().err
 
 
 def test_bench_levers_name_valid_vgd_settings():

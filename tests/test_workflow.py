@@ -111,3 +111,13 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     for untouched in ("splits", "train_generator", "train_segmenter_real", "evaluate_real"):
         assert untouched not in counts
     assert "rd_eta0" in dry.stdout and "/rd/seed" not in dry.stdout
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "presets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_validates_and_dry_runs(tmp_path, preset):
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    result = snakemake("-n", "--configfile", str(tmp_path / "config.yaml"), str(preset), cwd=tmp_path,
+                       timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    methods = yaml.safe_load(preset.read_text())["run"]["methods"]
+    assert job_counts(result.stdout)["synthesize"] == 3 * len(methods)
