@@ -13,7 +13,8 @@ rule train_segmenter_real:
         "benchmarks/{dataset}/segmenters/{segmenter}/real.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 1
+    # Two threads: this job is alone on the critical path (everything downstream waits for f_θ).
+    threads: 2
     resources:
         gpu=1,
         runtime=720,
