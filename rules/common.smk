@@ -1,6 +1,6 @@
 # Shared names, wildcard constraints and input functions. No logic beyond choosing files.
 
-from segsynth.config import check_references, method_params
+from segsynth.config import canonical, check_references, method_params
 
 check_references(config)
 

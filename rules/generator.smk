@@ -5,7 +5,7 @@ rule train_generator:
     output:
         directory("results/{dataset}/generators/{generator}"),
     params:
-        generator=lambda wc: config["generators"][wc.generator],
+        generator=lambda wc: canonical(config["generators"][wc.generator]),
         seed=config["seeds"]["generator"],
         prompt_template=lambda wc: config["datasets"][wc.dataset].get("prompt_template", "{classes}"),
     log:

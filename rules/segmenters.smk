@@ -5,7 +5,7 @@ rule train_segmenter_real:
     output:
         directory("results/{dataset}/segmenters/{segmenter}/real"),
     params:
-        segmenter=lambda wc: config["segmenters"][wc.segmenter],
+        segmenter=lambda wc: canonical(config["segmenters"][wc.segmenter]),
         seed=config["seeds"]["segmenter"],
     log:
         "logs/{dataset}/segmenters/{segmenter}/real.log",
@@ -31,7 +31,7 @@ rule train_segmenter_augmented:
     output:
         directory("results/{dataset}/segmenters/{segmenter}/{generator}/{method}/seed{seed}"),
     params:
-        segmenter=lambda wc: config["segmenters"][wc.segmenter],
+        segmenter=lambda wc: canonical(config["segmenters"][wc.segmenter]),
         seed=config["seeds"]["segmenter"],
     log:
         "logs/{dataset}/segmenters/{segmenter}/{generator}/{method}/seed{seed}.log",

@@ -3,7 +3,7 @@ rule splits:
     output:
         directory("results/{dataset}/data"),
     params:
-        dataset=lambda wc: config["datasets"][wc.dataset],
+        dataset=lambda wc: canonical(config["datasets"][wc.dataset]),
     log:
         "logs/{dataset}/splits.log",
     benchmark:

@@ -27,13 +27,25 @@ def check_references(config: dict) -> None:
         raise ConfigError("run.value_segmenter", f"{run['value_segmenter']!r} is not defined under 'segmenters'")
 
 
+def canonical(value):
+    """``value`` with every mapping's keys sorted, recursively.
+
+    Rules pass config slices as ``params``, and Snakemake reruns a job when its params' representation changes;
+    sorting makes that representation independent of the order keys happen to have in a config file."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(item) for item in value]
+    return value
+
+
 def method_params(config: dict, dataset: str, method: str) -> dict:
     """The settings of one synthesis job: synthesis defaults < the dataset's guidance scale < the method entry."""
     params = dict(config["synthesis"])
     if "guidance_scale" in config["datasets"][dataset]:
         params["guidance_scale"] = config["datasets"][dataset]["guidance_scale"]
     params.update(config["methods"][method])
-    return params
+    return canonical(params)
 
 
 def validate_config(config: dict) -> None:

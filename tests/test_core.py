@@ -106,3 +106,11 @@ def test_run_logged_writes_the_traceback_to_the_log_and_reraises(tmp_path):
     text = log.read_text()
     assert "Traceback" in text and "config key 'methods.x.sampler': unknown sampler" in text
     assert run_logged(smk, lambda value: value * 2, value=21) == 42
+
+
+def test_canonical_params_do_not_depend_on_key_order():
+    from segsynth.config import canonical
+
+    a = canonical({"b": 1, "a": {"y": [1, {"q": 2, "p": 3}], "x": 0}})
+    b = canonical({"a": {"x": 0, "y": [1, {"p": 3, "q": 2}]}, "b": 1})
+    assert repr(a) == repr(b) == "{'a': {'x': 0, 'y': [1, {'p': 3, 'q': 2}]}, 'b': 1}"
