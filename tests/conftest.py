@@ -64,3 +64,14 @@ def tiny_generator_cfg():
     import copy
 
     return copy.deepcopy(TINY_GENERATOR)
+
+
+def train_tiny_models(root, segmenter_cfg: dict, generator_cfg: dict | None = None):
+    """A tiny dataset, generator and segmenter f_θ trained under ``root``; returns their three directories."""
+    from segsynth.generator.train import train_generator
+    from segsynth.segmenters import train_segmenter
+
+    data = make_tiny_dataset(root / "data")
+    train_generator(generator_cfg or TINY_GENERATOR, data, root / "gen", seed=0)
+    train_segmenter(segmenter_cfg, data, root / "seg", seed=0)
+    return data, root / "gen", root / "seg"

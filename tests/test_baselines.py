@@ -7,11 +7,9 @@ import torch
 
 import segsynth.sampling.baselines as baselines  # noqa: F401  (registers the baseline samplers)
 from segsynth.errors import ConfigError
-from segsynth.generator.train import train_generator
 from segsynth.sampling import build_sampler
 from segsynth.sampling.base import SAMPLERS, noise_seed
 from segsynth.sampling.value import margin_uncertainty, value_terms
-from segsynth.segmenters import train_segmenter
 
 BASE = {"budget": 1.0, "steps": 5, "eta": 0.5, "guidance_scale": 2.0, "batch_size": 4}
 SEGMENTER = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 40,
@@ -30,18 +28,16 @@ SETTINGS = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny pixel-space generator and a segmenter f_θ, trained a few dozen steps (a few seconds)."""
-    from conftest import TINY_GENERATOR, make_tiny_dataset
+    from conftest import TINY_GENERATOR, train_tiny_models
 
     from segsynth.data.canonical import load_split
     from segsynth.generator import MaskToImageGenerator
     from segsynth.segmenters import load_segmenter
 
     root = tmp_path_factory.mktemp("baselines")
-    data = make_tiny_dataset(root / "data")
     gen_cfg = copy.deepcopy(TINY_GENERATOR)
     gen_cfg["training"].update(steps=40, checkpoint_every=1000)
-    train_generator(gen_cfg, data, root / "gen", seed=0)
-    train_segmenter(SEGMENTER, data, root / "seg", seed=0)
+    data, _, _ = train_tiny_models(root, SEGMENTER, gen_cfg)
     train = load_split(data, "train")
     return {
         "generator": MaskToImageGenerator.load(root / "gen"),

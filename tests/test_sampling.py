@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from segsynth.errors import ConfigError
-from segsynth.generator.train import train_generator
 from segsynth.sampling import build_sampler
 from segsynth.sampling.base import noise_seed
 from segsynth.sampling.ddim import DDIMTrajectory
 from segsynth.sampling.synthesize import conditioning_sources, synthesize
 from segsynth.sampling.value import log_cosh, margin_uncertainty, normalised_cross_entropy, value_terms
-from segsynth.segmenters import train_segmenter
 
 SYNTHESIS = {"sampler": "ddim", "budget": 1.5, "steps": 3, "eta": 0.5, "guidance_scale": 2.0, "batch_size": 3}
 SEGMENTER = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 2,
@@ -23,12 +21,10 @@ SEGMENTER = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import TINY_GENERATOR, make_tiny_dataset
+    from conftest import train_tiny_models
 
     root = tmp_path_factory.mktemp("sampling")
-    data = make_tiny_dataset(root / "data")
-    train_generator(TINY_GENERATOR, data, root / "gen", seed=0)
-    train_segmenter(SEGMENTER, data, root / "seg", seed=0)
+    train_tiny_models(root, SEGMENTER)
     return root
 
 

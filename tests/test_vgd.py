@@ -6,14 +6,12 @@ import pytest
 import torch
 
 from segsynth.errors import ConfigError
-from segsynth.generator.train import train_generator
 from segsynth.sampling import build_sampler
 from segsynth.sampling import vgd as vgd_module
 from segsynth.sampling.base import noise_seed
 from segsynth.sampling.ddim import DDIMTrajectory
 from segsynth.sampling.value import value_terms
 from segsynth.sampling.vgd import VGD_DEFAULTS, focus_map, in_window, vgd_options, vgd_seed
-from segsynth.segmenters import train_segmenter
 
 BASE = {"steps": 6, "eta": 0.5, "guidance_scale": 2.0}
 SEGMENTER = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 20,
@@ -23,16 +21,14 @@ SEGMENTER = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny trained generator, a tiny trained f_θ, and a batch of training masks with their noise seeds."""
-    from conftest import TINY_GENERATOR, make_tiny_dataset
+    from conftest import train_tiny_models
 
     from segsynth.data.canonical import load_split
     from segsynth.generator import MaskToImageGenerator
     from segsynth.segmenters import load_segmenter
 
     root = tmp_path_factory.mktemp("vgd")
-    data = make_tiny_dataset(root / "data")
-    train_generator(TINY_GENERATOR, data, root / "gen", seed=0)
-    train_segmenter(SEGMENTER, data, root / "seg", seed=0)
+    data, _, _ = train_tiny_models(root, SEGMENTER)
     masks = torch.from_numpy(load_split(data, "train").masks[:4].copy())
     return {"gen": MaskToImageGenerator.load(root / "gen"),
             "f": load_segmenter(root / "seg").as_value_model(),
