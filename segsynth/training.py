@@ -74,7 +74,3 @@ class Checkpointer:
         """Save after ``step`` completed steps when on the interval (the final step is saved by the caller's output)."""
         if self.every > 0 and step % self.every == 0 and step < total:
             self.save(step)
-
-    def remove(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
