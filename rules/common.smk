@@ -1,12 +1,22 @@
 # Shared names, wildcard constraints and input functions. No logic beyond choosing files.
 
-from segsynth.config import canonical, check_references, method_params
+import re
+
+from segsynth.analyses import budget_name, subset_name
+from segsynth.config import budget_methods, canonical, check_references, method_params
 
 check_references(config)
+# The budget sweep's entries are ordinary methods (``rd_x2`` = rd at 2 × |train|).
+config["methods"].update(budget_methods(config))
 
 RUN = config["run"]
 SEEDS = list(range(config["seeds"]["n_seed"]))
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
+ANALYSES = config.get("analyses") or {}
+BUDGET = ANALYSES.get("budget")
+SUBSETS = ANALYSES.get("subsets")
+# Synthesis jobs exist for configured methods only; other names under synthetic/ are adversariality subsets.
+SYNTHESIZED = "|".join(re.escape(m) for m in sorted(config["methods"], key=len, reverse=True))
 
 
 wildcard_constraints:
@@ -58,12 +68,7 @@ def method_label(generator, method):
 
 def main_runs():
     """One row per evaluated segmenter (the Baseline and every augmented run), for the main table."""
-    real = [
-        dict(dataset=d, segmenter=s, method="baseline", seed=config["seeds"]["segmenter"],
-             path=f"results/{d}/eval/{s}/real.parquet")
-        for d in RUN["datasets"]
-        for s in RUN["segmenters"]
-    ]
+    real = baseline_runs()
     augmented = [
         dict(dataset=d, segmenter=s, method=method_label(g, m), seed=seed,
              path=f"results/{d}/eval/{s}/{g}/{m}/seed{seed}.parquet")
@@ -81,6 +86,59 @@ def adherence_runs():
         for m in RUN["methods"]
         for seed in SEEDS
     ]
+
+
+def segmenter_blocks():
+    return [(d, s, g) for d in RUN["datasets"] for s in RUN["segmenters"] for g in RUN["generators"]]
+
+
+def baseline_runs():
+    return [
+        dict(dataset=d, segmenter=s, method="baseline", seed=config["seeds"]["segmenter"],
+             path=f"results/{d}/eval/{s}/real.parquet")
+        for d in RUN["datasets"]
+        for s in RUN["segmenters"]
+    ]
+
+
+def budget_runs():
+    """One row per (block, swept method, budget, seed); budget 1 is the method's main run."""
+    if not BUDGET:
+        return []
+    seeds = range(BUDGET.get("n_seed", config["seeds"]["n_seed"]))
+    return [
+        dict(dataset=d, segmenter=s, method=method_label(g, m), budget=float(b), seed=seed,
+             path=f"results/{d}/eval/{s}/{g}/{m if float(b) == 1.0 else budget_name(m, b)}/seed{seed}.parquet")
+        for d, s, g in segmenter_blocks()
+        for m in BUDGET["methods"]
+        for b in BUDGET["budgets"]
+        for seed in seeds
+    ]
+
+
+def subset_runs():
+    """One row per (block, threshold, seed); τ = 0 is the whole set, i.e. the main run."""
+    if not SUBSETS:
+        return []
+    m = SUBSETS["method"]
+    rows = []
+    for d, s, g in segmenter_blocks():
+        for tau in SUBSETS["thresholds"]:
+            name = m if float(tau) == 0.0 else subset_name(m, tau)
+            for seed in range(SUBSETS.get("n_seed", config["seeds"]["n_seed"])):
+                rows.append(dict(dataset=d, segmenter=s, method=method_label(g, m), threshold=float(tau), seed=seed,
+                                 path=f"results/{d}/eval/{s}/{g}/{name}/seed{seed}.parquet",
+                                 synthetic=f"results/{d}/synthetic/{g}/{name}/seed{seed}"))
+    return rows
+
+
+def analysis_outputs():
+    outputs = []
+    if BUDGET:
+        outputs += ["results/tables/budget.parquet", "results/tables/budget.md", "results/figures/budget.png"]
+    if SUBSETS:
+        outputs += ["results/tables/subsets.parquet", "results/tables/subsets.md"]
+    return outputs
 
 
 def sample_figures():
@@ -101,4 +159,4 @@ def final_outputs():
         "results/tables/adherence.md",
         "results/tables/cost.md",
         "results/figures/dice.png",
-    ] + sample_figures()
+    ] + sample_figures() + analysis_outputs()

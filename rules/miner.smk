@@ -1,7 +1,7 @@
 rule train_miner:
-    """Train the Adversariality Miner against the frozen generator and real-only segmenter f_θ.
-
-    Requested only by methods whose sampler is "miner"."""
+    """Train the Adversariality Miner M_ξ against the frozen generator and the frozen real-only segmenter f_θ
+    (checkpoints every miner.checkpoint_every steps; a restarted job resumes). Requested by methods whose
+    sampler is "miner"."""
     input:
         data="results/{dataset}/data",
         generator="results/{dataset}/generators/{generator}",
@@ -9,6 +9,7 @@ rule train_miner:
     output:
         directory("results/{dataset}/miners/{generator}/{segmenter}"),
     params:
+        miner=canonical(config["miner"]),
         seed=config["seeds"]["miner"],
     log:
         "logs/{dataset}/miners/{generator}/{segmenter}.log",

@@ -6,6 +6,8 @@ rule synthesize:
         directory("results/{dataset}/synthetic/{generator}/{method}/seed{seed}"),
     params:
         method=synthesis_params,
+    wildcard_constraints:
+        method=SYNTHESIZED,
     log:
         "logs/{dataset}/synthetic/{generator}/{method}/seed{seed}.log",
     benchmark:
@@ -40,3 +42,26 @@ rule mask_adherence:
         mem_mb=4000,
     script:
         "../scripts/mask_adherence.py"
+
+
+rule adversarial_subset:
+    """The samples of one synthetic set with ℓ_seg > τ under f_θ (the Miner paper's subset analysis)."""
+    input:
+        "results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
+    output:
+        directory("results/{dataset}/synthetic/{generator}/{method}_ls{tau}/seed{seed}"),
+    wildcard_constraints:
+        method=SYNTHESIZED,
+        tau=r"\d+(p\d+)?",
+    params:
+        threshold=lambda wc: float(wc.tau.replace("p", ".")),
+    log:
+        "logs/{dataset}/synthetic/{generator}/{method}_ls{tau}/seed{seed}.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        runtime=10,
+        mem_mb=2000,
+    script:
+        "../scripts/adversarial_subset.py"

@@ -1,5 +1,8 @@
 localrules:
     main_table,
+    budget_table,
+    subset_table,
+    budget_figure,
     cost_table,
     adherence_table,
     dice_figure,
@@ -147,3 +150,69 @@ rule value_figure:
         "../envs/tables.yaml"
     script:
         "../scripts/value_figure.py"
+
+
+rule budget_table:
+    """ΔDSC over the Baseline per swept method and synthesis budget N_s = b × |train| (Miner paper)."""
+    input:
+        [run["path"] for run in baseline_runs() + budget_runs()],
+    output:
+        parquet="results/tables/budget.parquet",
+        markdown=report(
+            "results/tables/budget.md",
+            caption="../report/budget.rst",
+            category="Tables",
+            labels={"table": "synthesis budget"},
+        ),
+    params:
+        runs=budget_runs(),
+        baseline=baseline_runs(),
+    log:
+        "logs/tables/budget.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/budget_table.py"
+
+
+rule budget_figure:
+    """ΔDSC against the synthesis budget, one line per swept method."""
+    input:
+        "results/tables/budget.parquet",
+    output:
+        report(
+            "results/figures/budget.png",
+            caption="../report/budget_figure.rst",
+            category="Figures",
+            labels={"figure": "synthesis budget"},
+        ),
+    log:
+        "logs/figures/budget.log",
+    conda:
+        "../envs/tables.yaml"
+    script:
+        "../scripts/budget_figure.py"
+
+
+rule subset_table:
+    """Adversariality subsets: training on the samples with ℓ_seg > τ (count, share, ΔDSC, per-sample gain)."""
+    input:
+        evaluations=[run["path"] for run in baseline_runs() + subset_runs()],
+        synthetic=[run["synthetic"] for run in subset_runs()],
+    output:
+        parquet="results/tables/subsets.parquet",
+        markdown=report(
+            "results/tables/subsets.md",
+            caption="../report/subsets.rst",
+            category="Tables",
+            labels={"table": "adversariality subsets"},
+        ),
+    params:
+        runs=subset_runs(),
+        baseline=baseline_runs(),
+    log:
+        "logs/tables/subsets.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/subset_table.py"

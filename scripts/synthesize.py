@@ -12,4 +12,5 @@ run_logged(
     out_dir=snakemake.output[0],
     value_model_dir=snakemake.input.value_model,
     threads=snakemake.threads,
+    miner_dir=snakemake.input.get("miner"),
 )

@@ -1,10 +1,14 @@
-from segsynth.errors import ConfigError
+from segsynth.miner import train_miner
 from segsynth.workflow import run_logged
 
-
-def not_yet(**_):
-    # The Miner (adversariality-miner.md) is the next issue; the stage and its files exist so the DAG is whole.
-    raise ConfigError("methods.*.sampler", "the 'miner' sampler is not implemented in this version")
-
-
-run_logged(snakemake, not_yet)
+run_logged(
+    snakemake,
+    train_miner,
+    cfg=snakemake.params.miner,
+    data_dir=snakemake.input.data,
+    generator_dir=snakemake.input.generator,
+    value_model_dir=snakemake.input.value_model,
+    out_dir=snakemake.output[0],
+    seed=snakemake.params.seed,
+    threads=snakemake.threads,
+)

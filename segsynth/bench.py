@@ -1,21 +1,24 @@
 """Benchmarks of segsynth's samplers: seconds per image and mean value score, guided vs. random DDIM.
 
-``python -m segsynth.bench sampling`` times every sampler of :data:`SAMPLERS_TO_TIME` (RD = DDIM, VGD; the
-Miner is one more entry) on the same batch of training masks with the same noise seeds and step count,
+``python -m segsynth.bench sampling`` times every sampler of :data:`SAMPLERS_TO_TIME` (RD = DDIM, VGD, the
+Adversariality Miner) on the same batch of training masks with the same noise seeds and step count,
 interleaved over ``--repeats`` rounds (the order rotates each round; the median round counts), and prints
-ONE JSON line: ``ddim_s_per_image``, ``vgd_s_per_image``, ``ratio`` (VGD / DDIM), ``ddim_value``,
-``vgd_value`` (mean final value score, eq. 2 with λ = 1, of each method's images under f_θ), plus the setup.
+ONE JSON line: ``ddim_s_per_image``, ``vgd_s_per_image``, ``miner_s_per_image``, ``ratio`` (VGD / DDIM),
+``miner_ratio`` (Miner / DDIM), ``ddim_value``, ``vgd_value``, ``miner_value`` (mean final value score, eq. 2
+with λ = 1, of each method's images under f_θ), ``ddim_seg_loss``, ``vgd_seg_loss``, ``miner_seg_loss`` (mean
+ℓ_seg, f_θ's cross-entropy, the Miner paper's adversariality), plus the setup.
 
 ``--levers`` times the naive VGD (paper defaults: full Jacobian, time-travel and guidance on every step) and
 each speed lever (detached Jacobian, guidance on a step window, time-travel on a window, batch size, and
 combinations; ``--variant NAME='{json overrides}'`` adds more) and prints one JSON line per variant with
 s/image, ``ratio`` to RD at the same batch size, the value, its ``gain`` over RD, and ``gain_kept``: the
-fraction of the naive VGD's value gain over RD the variant keeps, (V_variant − V_RD) / (V_naive − V_RD)
-(null where the naive VGD does not beat RD; ``--reference`` picks another variant as the denominator).
+fraction of a reference variant's value gain over RD the variant keeps, ``gain_kept_<reference>`` =
+(V_variant − V_RD) / (V_reference − V_RD), for the naive VGD and for its full-gradient counterpart without
+time-travel (null where the reference does not beat RD; ``--reference`` picks others).
 
-Models: by default the demo's ``results/<dataset>/generators/tiny`` and ``results/<dataset>/segmenters/unet/
-real`` (``make demo`` builds them); ``--build-tiny`` instead trains a generator and a segmenter with the
-config's architectures, briefly, on the embedded MNI152 dataset at a small resolution — a quick check of the
+Models: by default the demo's ``results/<dataset>/generators/tiny``, ``results/<dataset>/segmenters/unet/
+real`` and ``results/<dataset>/miners/tiny/unet`` (``make demo`` builds them); ``--build-tiny`` instead trains
+a generator, a segmenter and a Miner with the config's architectures, briefly, on the embedded MNI152 dataset at a small resolution — a quick check of the
 machinery and the timings' proportions, not of the demo's numbers. Sampling settings are the config's
 (``synthesis`` < the dataset's guidance scale < ``methods.<name>``) unless overridden on the command line.
 """
@@ -43,6 +46,7 @@ log = logging.getLogger("segsynth.bench")
 SAMPLERS_TO_TIME: dict[str, dict] = {
     "ddim": {"sampler": "ddim"},
     "vgd": {"sampler": "vgd"},
+    "miner": {"sampler": "miner"},
 }
 BASELINE = "ddim"
 #: config ``methods`` entries that stand for a name above (the config calls random DDIM "rd")
@@ -52,13 +56,13 @@ CONFIG_METHOD = {"ddim": "rd"}
 LEVERS: dict[str, tuple[dict, int | None]] = {
     "naive": ({}, None),
     "detached": ({"jacobian": "detached"}, None),
-    "guidance_first_half": ({"guidance_window": [0.0, 0.5]}, None),
-    "time_travel_first_half": ({"window": [0.0, 0.5]}, None),
     "no_time_travel": ({"time_travel": 0}, None),
-    "no_time_travel+guidance_first_half": ({"time_travel": 0, "guidance_window": [0.0, 0.5]}, None),
-    "detached+tt_first_quarter": ({"jacobian": "detached", "window": [0.0, 0.25]}, None),
+    "time_travel_first_half": ({"window": [0.0, 0.5]}, None),
+    "time_travel_first_quarter": ({"window": [0.0, 0.25]}, None),
+    "guidance_first_half": ({"guidance_window": [0.0, 0.5]}, None),
+    "no_time_travel+guidance_last_half": ({"time_travel": 0, "guidance_window": [0.5, 1.0]}, None),
     "detached+no_time_travel": ({"jacobian": "detached", "time_travel": 0}, None),
-    "detached+guidance_first_half+no_time_travel": (
+    "detached+no_time_travel+guidance_first_half": (
         {"jacobian": "detached", "guidance_window": [0.0, 0.5], "time_travel": 0}, None),
     "naive_batch_4": ({}, 4),
 }
@@ -72,7 +76,8 @@ def build_tiny(config: dict, dataset: str, out: Path, resolution: int, generator
     from .generator.train import train_generator
     from .segmenters import train_segmenter
 
-    paths = {"data": out / "data", "generator": out / "generator", "segmenter": out / "segmenter"}
+    paths = {"data": out / "data", "generator": out / "generator", "segmenter": out / "segmenter",
+             "miner": out / "miner"}
     ds_cfg = dict(config["datasets"][dataset], resolution=resolution)
     gen_name = config["run"]["generators"][0]
     gen_cfg = copy.deepcopy(config["generators"][gen_name])
@@ -87,23 +92,33 @@ def build_tiny(config: dict, dataset: str, out: Path, resolution: int, generator
                         prompt_template=ds_cfg.get("prompt_template", "{classes}"))
     if not paths["segmenter"].exists():
         train_segmenter(seg_cfg, paths["data"], paths["segmenter"], seed=seed)
+    if not paths["miner"].exists():
+        from .miner import train_miner
+
+        train_miner(config["miner"], paths["data"], paths["generator"], paths["segmenter"], paths["miner"],
+                    seed=seed)
     log.info("built tiny models in %s in %.0f s", out, time.perf_counter() - began)
     return paths
 
 
-def load_models(generator_dir, segmenter_dir):
+def load_models(generator_dir, segmenter_dir, miner_dir):
     from .generator import MaskToImageGenerator
+    from .miner import AdversarialityMiner
     from .segmenters import load_segmenter
 
-    return MaskToImageGenerator.load(generator_dir), load_segmenter(segmenter_dir).as_value_model()
+    miner = AdversarialityMiner.load(miner_dir) if Path(miner_dir).exists() else None
+    return MaskToImageGenerator.load(generator_dir), load_segmenter(segmenter_dir).as_value_model(), miner
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
-def run_sampler(params: dict, generator, value_model, masks: torch.Tensor, seeds: list[int], batch_size: int):
+def run_sampler(params: dict, generator, value_model, masks: torch.Tensor, seeds: list[int], batch_size: int,
+                miner=None):
     """All images of ``masks`` in batches of ``batch_size``; returns (images, seconds)."""
     from .sampling import build_sampler
 
     sampler = build_sampler("bench", params)
+    if sampler.needs_miner:
+        sampler.attach_miner(miner)
     began = time.perf_counter()
     images = []
     for start in range(0, len(masks), batch_size):
@@ -113,35 +128,36 @@ def run_sampler(params: dict, generator, value_model, masks: torch.Tensor, seeds
     return torch.cat(images), time.perf_counter() - began
 
 
-def mean_value(value_model, images: torch.Tensor, masks: torch.Tensor) -> float:
-    """Mean final value score (eq. 2, λ = 1, as synthesis records it) of the images under f_θ."""
+def mean_terms(value_model, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Mean final value score (eq. 2, λ = 1, as synthesis records it) and mean ℓ_seg of the images under f_θ."""
     from .sampling.value import value_terms
 
     with torch.no_grad():
-        return float(value_terms(value_model(images), masks)["value"].mean())
+        terms = value_terms(value_model(images), masks)
+    return {"value": float(terms["value"].mean()), "seg_loss": float(terms["seg_loss"].mean())}
 
 
 def time_samplers(variants: dict[str, tuple[dict, int]], generator, value_model, masks, seeds,
-                  repeats: int) -> dict[str, dict]:
+                  repeats: int, miner=None) -> dict[str, dict]:
     """Time each variant (name → (params, batch size)) ``repeats`` times, interleaved with a rotating order.
 
-    Returns name → {"s_per_image": median over rounds, "s_per_image_min", "value"} (the value of the first
-    round; sampling is deterministic given the seeds, so every round draws the same images)."""
+    Returns name → {"s_per_image": median over rounds, "s_per_image_min", "value", "seg_loss"} (those of the
+    first round; sampling is deterministic given the seeds, so every round draws the same images)."""
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    values: dict[str, float] = {}
+    values: dict[str, dict] = {}
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             params, batch_size = variants[name]
-            images, took = run_sampler(params, generator, value_model, masks, seeds, batch_size)
+            images, took = run_sampler(params, generator, value_model, masks, seeds, batch_size, miner)
             seconds[name].append(took)
             if name not in values:
-                values[name] = mean_value(value_model, images, masks)
+                values[name] = mean_terms(value_model, images, masks)
             log.info("round %d %-45s %.2f s", round_, name, took)
     n = len(masks)
     return {name: {"s_per_image": statistics.median(seconds[name]) / n, "s_per_image_min": min(seconds[name]) / n,
-                   "value": values[name]} for name in names}
+                   **values[name]} for name in names}
 
 
 # -- the command ----------------------------------------------------------------------------------------------
@@ -182,19 +198,21 @@ def sampling(args) -> int:
     else:
         paths = {"data": Path(args.data or f"results/{dataset}/data"),
                  "generator": Path(args.generator or f"results/{dataset}/generators/tiny"),
-                 "segmenter": Path(args.segmenter or f"results/{dataset}/segmenters/unet/real")}
-        missing = [str(p) for p in paths.values() if not p.exists()]
+                 "segmenter": Path(args.segmenter or f"results/{dataset}/segmenters/unet/real"),
+                 "miner": Path(args.miner or f"results/{dataset}/miners/tiny/unet")}
+        needed = {k: p for k, p in paths.items() if k != "miner" or not args.levers}  # --levers times VGD alone
+        missing = [str(p) for p in needed.values() if not p.exists()]
         if missing:
-            print(f"segsynth.bench: missing {', '.join(missing)}; run `make demo` first (it trains the generator "
-                  "and the real-only segmenter), point --generator/--segmenter/--data at trained ones, or pass "
+            print(f"segsynth.bench: missing {', '.join(missing)}; run `make demo` first (it trains the generator, "
+                  "the real-only segmenter and the Miner), point --generator/--segmenter/--data at trained ones, or pass "
                   "--build-tiny to train tiny ones on the fly.", file=sys.stderr)
             return 2
     try:
-        generator, value_model = load_models(paths["generator"], paths["segmenter"])
+        generator, value_model, miner = load_models(paths["generator"], paths["segmenter"], paths["miner"])
         overrides = {k: v for k, v in {"steps": args.steps, "eta": args.eta, "guidance_scale": args.guidance_scale,
                                        "batch_size": args.batch_size}.items() if v is not None}
         vgd_overrides = dict(overrides, **json.loads(args.vgd or "{}"))
-        base = {name: method_entry(config, dataset, name, entry, vgd_overrides if name != BASELINE else overrides)
+        base = {name: method_entry(config, dataset, name, entry, vgd_overrides if name == "vgd" else overrides)
                 for name, entry in SAMPLERS_TO_TIME.items()}
         batch_size = base[BASELINE]["batch_size"]
         train = load_split(paths["data"], "train")
@@ -211,7 +229,7 @@ def sampling(args) -> int:
             levers(args, base, generator, value_model, masks, seeds, batch_size, setup)
         else:
             variants = {name: (params, params.get("batch_size", batch_size)) for name, params in base.items()}
-            result = time_samplers(variants, generator, value_model, masks, seeds, args.repeats)
+            result = time_samplers(variants, generator, value_model, masks, seeds, args.repeats, miner)
             line = {}
             for name, r in result.items():
                 line[f"{name}_s_per_image"] = round(r["s_per_image"], 5)
@@ -221,6 +239,8 @@ def sampling(args) -> int:
                     line[f"{name}_ratio"] = round(result[name]["s_per_image"] / result[BASELINE]["s_per_image"], 3)
             for name, r in result.items():
                 line[f"{name}_value"] = round(r["value"], 4)
+            for name, r in result.items():
+                line[f"{name}_seg_loss"] = round(r["seg_loss"], 4)
             line.update(setup)
             line["vgd_params"] = vgd.vgd_options(base["vgd"])
             print(json.dumps(line), flush=True)
@@ -236,43 +256,49 @@ def levers(args, base, generator, value_model, masks, seeds, batch_size, setup) 
     for spec in args.variant or []:
         name, _, overrides = spec.partition("=")
         chosen[name] = (json.loads(overrides or "{}"), None)
-    reference = args.reference
-    if reference not in chosen:
-        raise SystemExit(f"--reference {reference!r} is not a variant ({sorted(chosen)})")
+    references = args.reference.split(",")
+    unknown = [r for r in references if r not in chosen]
+    if unknown:
+        raise SystemExit(f"--reference {unknown} not among the variants ({sorted(chosen)})")
     if args.only:
         keep = set(args.only.split(","))
-        chosen = {k: v for k, v in chosen.items() if k in keep or k == reference}
+        chosen = {k: v for k, v in chosen.items() if k in keep or k in references}
     variants = {}
     for name, (overrides, lever_batch) in chosen.items():
         b = lever_batch or batch_size
         variants[name] = (dict(base["vgd"], **overrides), b)
         variants.setdefault(f"rd@{b}", (base[BASELINE], b))
     result = time_samplers(variants, generator, value_model, masks, seeds, args.repeats)
-    ref_batch = chosen[reference][1] or batch_size
-    ref_gain = result[reference]["value"] - result[f"rd@{ref_batch}"]["value"]
+
+    def gain_over_rd(name: str) -> float:
+        return result[name]["value"] - result[f"rd@{chosen[name][1] or batch_size}"]["value"]
+
     for name, (overrides, lever_batch) in chosen.items():
         b = lever_batch or batch_size
         rd = result[f"rd@{b}"]
         r = result[name]
-        gain = r["value"] - rd["value"]
+        gain = gain_over_rd(name)
+        # undefined (null) where the reference VGD does not beat RD at all
+        kept = {f"gain_kept_{ref}": round(gain / gain_over_rd(ref), 3) if gain_over_rd(ref) > 0 else None
+                for ref in references}
         print(json.dumps({
             "variant": name, "overrides": overrides, "batch_size": b,
             "s_per_image": round(r["s_per_image"], 5), "rd_s_per_image": round(rd["s_per_image"], 5),
             "ratio": round(r["s_per_image"] / rd["s_per_image"], 3),
             "value": round(r["value"], 4), "rd_value": round(rd["value"], 4), "gain": round(gain, 4),
-            # undefined (null) where the reference VGD does not beat RD at all
-            "gain_kept": round(gain / ref_gain, 3) if ref_gain > 0 else None, "reference": reference,
-            **setup}), flush=True)
+            **kept, **setup}), flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segsynth.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sampling", help="time RD vs VGD (s/image, ratio, value) on one batch of training masks")
+    p = sub.add_parser("sampling", help="time RD, VGD and the Miner (s/image, ratios, value, ℓ_seg) on one batch "
+                       "of training masks")
     p.add_argument("--config", default="config.yaml", help="config whose synthesis/method settings apply")
     p.add_argument("--dataset", help="config dataset (default: the first of run.datasets)")
     p.add_argument("--generator", help="generator directory (default results/<dataset>/generators/tiny)")
     p.add_argument("--segmenter", help="f_θ directory (default results/<dataset>/segmenters/unet/real)")
+    p.add_argument("--miner", help="trained Miner directory (default results/<dataset>/miners/tiny/unet)")
     p.add_argument("--data", help="dataset directory (default results/<dataset>/data)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the config's)")
     p.add_argument("--eta", type=float)
@@ -286,8 +312,9 @@ def main(argv=None) -> int:
     p.add_argument("--levers", action="store_true", help="time the naive VGD and each speed lever")
     p.add_argument("--variant", action="append", metavar="NAME=JSON", help="an extra --levers variant")
     p.add_argument("--only", help="comma-separated --levers variants to run (the reference always runs)")
-    p.add_argument("--reference", default="naive", help="--levers variant whose value gain over RD "
-                   "gain_kept divides by (default naive: the paper's VGD)")
+    p.add_argument("--reference", default="naive,no_time_travel", help="comma-separated --levers variants; "
+                   "each adds gain_kept_<variant>: a variant's value gain over RD divided by that one's (default: "
+                   "naive, the paper's VGD, and no_time_travel, its full-gradient counterpart without time-travel)")
     p.add_argument("--build-tiny", action="store_true", help="train tiny models on the fly instead")
     p.add_argument("--build-dir", help="keep (and reuse) the --build-tiny models here")
     p.add_argument("--build-resolution", type=int, default=32)

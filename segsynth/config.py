@@ -25,6 +25,32 @@ def check_references(config: dict) -> None:
                                   f"(defined: {sorted(config[section])})")
     if run["value_segmenter"] not in config["segmenters"]:
         raise ConfigError("run.value_segmenter", f"{run['value_segmenter']!r} is not defined under 'segmenters'")
+    analyses = config.get("analyses") or {}
+    named = [("analyses.budget.methods", m) for m in (analyses.get("budget") or {}).get("methods", [])]
+    if analyses.get("subsets"):
+        named.append(("analyses.subsets.method", analyses["subsets"]["method"]))
+    for key, name in named:
+        if name not in config["methods"]:
+            raise ConfigError(key, f"{name!r} is not defined under 'methods' (defined: {sorted(config['methods'])})")
+
+
+def budget_methods(config: dict) -> dict[str, dict]:
+    """The method entries the budget sweep adds: ``<method>_x<b>`` = the method with budget b (b ≠ 1; b = 1 is
+    the method itself). A derived name that is already a configured method is a ConfigError."""
+    from .analyses import budget_name
+
+    sweep = (config.get("analyses") or {}).get("budget")
+    derived = {}
+    for method in (sweep or {}).get("methods", []):
+        for budget in sweep["budgets"]:
+            if float(budget) == 1.0:
+                continue
+            name = budget_name(method, budget)
+            if name in config["methods"]:
+                raise ConfigError(f"methods.{name}", "this name is reserved for the budget sweep of "
+                                  f"{method!r} at {budget:g}× (analyses.budget); rename the method")
+            derived[name] = {**config["methods"][method], "budget": float(budget)}
+    return derived
 
 
 def canonical(value):

@@ -82,6 +82,24 @@ def metric_plot(main: pd.DataFrame, out_png) -> None:
     _save_png(fig, out_png)
 
 
+def budget_plot(table: pd.DataFrame, out_png) -> None:
+    """ΔDSC (points) against the synthesis budget, a line per swept method (± std over seeds), a panel per
+    (dataset, segmenter); ``table`` is :func:`segsynth.analyses.budget_table`'s."""
+    data = table.assign(delta=lambda frame: frame["delta_dice"] * 100.0)
+    panels = list(dict.fromkeys(zip(data["dataset"], data["segmenter"])))
+    fig = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (dataset, segmenter) in zip(axes, panels):
+        panel = data[(data["dataset"] == dataset) & (data["segmenter"] == segmenter)]
+        sns.lineplot(data=panel, x="budget", y="delta", hue="method", marker="o", errorbar="sd", ax=ax)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(sorted(panel["budget"].unique()))
+        ax.set_title(f"{dataset} · {segmenter}")
+        ax.set_xlabel("budget b (N_s = b × |train|)")
+        ax.set_ylabel("ΔDSC over Baseline (points)")
+    _save_png(fig, out_png)
+
+
 def value_distribution(synthetic_dirs: dict[str, Path], out_png) -> None:
     """Per-sample value score V under f_θ (and its CE and margin terms) of every synthetic set, one violin per
     method over all its seeds — the paper's value distributions (VGD Fig. 1 and 5a)."""

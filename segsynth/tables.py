@@ -47,7 +47,7 @@ def main_summary(main: pd.DataFrame) -> pd.DataFrame:
         for dataset, segmenter in blocks:
             run = means[(means["method"] == method) & (means["dataset"] == dataset) & (means["segmenter"] == segmenter)]
             for label, metric, scale, decimals in MAIN_COLUMNS:
-                row[f"{dataset} · {segmenter} {label}"] = _mean_std(run.loc[run["metric"] == metric, "value"] * scale,
+                row[f"{dataset} · {segmenter} {label}"] = mean_std(run.loc[run["metric"] == metric, "value"] * scale,
                                                                    decimals)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -79,7 +79,7 @@ def adherence_markdown(adherence: pd.DataFrame) -> str:
         rows = adherence[adherence["dataset"] == dataset]
         for method in method_order(rows["method"]):
             dice = rows.loc[rows["method"] == method, "dice"] * 100.0
-            lines.append(f"| {dataset} | {method_label(method)} | {_mean_std(dice, 1)} |")
+            lines.append(f"| {dataset} | {method_label(method)} | {mean_std(dice, 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +109,7 @@ def method_label(method: str) -> str:
     return "Baseline" if method == BASELINE else method
 
 
-def _mean_std(values: pd.Series, decimals: int) -> str:
+def mean_std(values: pd.Series, decimals: int) -> str:
     """"m ± s" over seeds; a single run has no spread, so only its value; no runs, a dash."""
     values = values.dropna()
     if values.empty:

@@ -216,19 +216,25 @@ def test_bench_prints_one_json_line_per_run(models, repo_root, capsys):
 
     from segsynth.bench import main
 
+    from segsynth.miner import train_miner
+
     root = models["root"]
+    train_miner({"channels": [4, 8], "steps": 2, "batch_size": 2, "lr": 1e-3, "beta": 0.001, "kappa_up": 0.5,
+                 "rollout_steps": 2}, root / "data", root / "gen", root / "seg", root / "miner", seed=0)
     common = ["sampling", "--config", str(repo_root / "config.yaml"), "--generator", str(root / "gen"),
-              "--segmenter", str(root / "seg"), "--data", str(root / "data"), "--steps", "2", "--n-images", "3",
-              "--batch-size", "3", "--repeats", "1"]
+              "--segmenter", str(root / "seg"), "--data", str(root / "data"), "--miner", str(root / "miner"),
+              "--steps", "2", "--n-images", "3", "--batch-size", "3", "--repeats", "1"]
     assert main(common) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     result = json.loads(line)
-    assert {"ddim_s_per_image", "vgd_s_per_image", "ratio", "ddim_value", "vgd_value"} <= set(result)
-    assert result["ratio"] > 0 and result["steps"] == 2 and result["n_images"] == 3
+    assert {"ddim_s_per_image", "vgd_s_per_image", "miner_s_per_image", "ratio", "miner_ratio", "ddim_value",
+            "vgd_value", "ddim_seg_loss", "miner_seg_loss"} <= set(result)
+    assert result["ratio"] > 0 and result["miner_ratio"] > 0 and result["steps"] == 2 and result["n_images"] == 3
     assert main(common + ["--levers", "--only", "detached"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [r["variant"] for r in rows] == ["naive", "detached"]
-    assert all({"s_per_image", "ratio", "value", "rd_value", "gain_kept"} <= set(r) for r in rows)
+    assert [r["variant"] for r in rows] == ["naive", "detached", "no_time_travel"]
+    assert all({"s_per_image", "ratio", "value", "rd_value", "gain_kept_naive", "gain_kept_no_time_travel"}
+               <= set(r) for r in rows)
     missing = ["sampling", "--config", str(repo_root / "config.yaml"), "--generator", str(root / "nope")]
     assert main(missing) == 2 and "make demo" in capsys.readouterr().err
 
@@ -236,7 +242,7 @@ def test_bench_prints_one_json_line_per_run(models, repo_root, capsys):
 def test_bench_levers_name_valid_vgd_settings():
     from segsynth.bench import LEVERS, SAMPLERS_TO_TIME
 
-    assert {"ddim", "vgd"} <= set(SAMPLERS_TO_TIME) and "naive" in LEVERS
+    assert {"ddim", "vgd", "miner"} <= set(SAMPLERS_TO_TIME) and "naive" in LEVERS
     for overrides, batch in LEVERS.values():
         vgd_options(overrides)
         assert batch is None or batch >= 1

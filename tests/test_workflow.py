@@ -19,7 +19,8 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 E2E_CONFIG = REPO / "tests" / "config" / "e2e.yaml"
 STAGES = {"splits", "train_generator", "train_segmenter_real", "synthesize", "mask_adherence",
           "train_segmenter_augmented", "evaluate_real", "evaluate_augmented", "main_table", "adherence_table",
-          "dice_figure", "sample_figure"}
+          "dice_figure", "sample_figure", "train_miner", "adversarial_subset", "budget_table", "subset_table",
+          "budget_figure"}
 
 
 def snakemake(*args, cwd, timeout=900):
@@ -40,7 +41,10 @@ def test_dry_run_of_the_default_config_lists_every_stage(tmp_path):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert STAGES <= set(counts)
-    assert counts["synthesize"] == 3 and counts["train_segmenter_augmented"] == 3  # 3 synthesis seeds
+    # rd, vgd_fast and miner × 3 synthesis seeds, then rd and miner at 2× (one seed)
+    assert counts["synthesize"] == 3 * 3 + 2
+    # those, and RD's adversariality subsets at three thresholds (one seed)
+    assert counts["train_segmenter_augmented"] == 3 * 3 + 2 + 3 and counts["train_miner"] == 1
 
 
 def test_lint_is_clean():
@@ -77,7 +81,7 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     results = tmp_path / "results"
     main = pd.read_parquet(results / "tables" / "main.parquet")
     assert list(main.columns) == ["dataset", "segmenter", "method", "seed", "class", "metric", "value"]
-    assert set(main["method"]) == {"baseline", "rd", "rd_eta0"}
+    assert set(main["method"]) == {"baseline", "rd", "rd_eta0", "miner"}
     assert set(main.loc[main["method"] == "rd", "seed"]) == {0, 1}
     assert set(main["metric"]) == {"dice", "asd", "hd95"}
     assert set(main["class"]) == {"csf", "gm", "wm", "mean"}
@@ -86,12 +90,20 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     markdown = (results / "tables" / "main.md").read_text()
     assert "| Baseline |" in markdown and "| rd |" in markdown and "±" in markdown
     adherence = pd.read_parquet(results / "tables" / "adherence.parquet")
-    assert len(adherence) == 4 and {"method", "seed", "dice"} <= set(adherence.columns)
-    for figure in ("dice.png", "samples_mni152_tiny.png"):
+    assert len(adherence) == 6 and {"method", "seed", "dice"} <= set(adherence.columns)
+    budget = pd.read_parquet(results / "tables" / "budget.parquet")
+    assert sorted(budget["budget"]) == [1.0, 2.0] and budget["delta_dice"].notna().all()
+    subsets = pd.read_parquet(results / "tables" / "subsets.parquet")
+    assert len(subsets) == 4 and (subsets.loc[subsets["threshold"] == 0, "share"] == 1).all()
+    assert "τ = 0.3" in (results / "tables" / "subsets.md").read_text()
+    for figure in ("dice.png", "samples_mni152_tiny.png", "budget.png"):
         assert (results / "figures" / figure).stat().st_size > 1000
     # every costly rule left a benchmark file and every rule a log
     assert (tmp_path / "benchmarks" / "mni152" / "generators" / "tiny.tsv").exists()
     assert (tmp_path / "logs" / "mni152" / "splits.log").exists()
+    assert (tmp_path / "benchmarks" / "mni152" / "miners" / "tiny" / "unet.tsv").exists()
+    miner_records = pd.read_parquet(results / "mni152" / "synthetic" / "tiny" / "miner" / "seed0" / "records.parquet")
+    assert {"seg_loss", "miner_max_shift", "miner_kl"} <= set(miner_records.columns)
     # each synthetic set records the value terms of every sample under f_θ
     records = pd.read_parquet(results / "mni152" / "synthetic" / "tiny" / "rd" / "seed0" / "records.parquet")
     assert {"value", "ce", "margin"} <= set(records.columns) and records["value"].notna().all()
@@ -108,7 +120,7 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     counts = job_counts(dry.stdout)
     assert counts["synthesize"] == 2 and counts["train_segmenter_augmented"] == 2
     assert counts["evaluate_augmented"] == 2 and counts["mask_adherence"] == 2
-    for untouched in ("splits", "train_generator", "train_segmenter_real", "evaluate_real"):
+    for untouched in ("splits", "train_generator", "train_segmenter_real", "evaluate_real", "train_miner"):
         assert untouched not in counts
     outputs = re.findall(r"^\s+output: (.*)$", dry.stdout, flags=re.M)
     assert any("rd_eta0" in out for out in outputs)
@@ -121,5 +133,8 @@ def test_every_preset_validates_and_dry_runs(tmp_path, preset):
     result = snakemake("-n", "--configfile", str(tmp_path / "config.yaml"), str(preset), cwd=tmp_path,
                        timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    methods = yaml.safe_load(preset.read_text())["run"]["methods"]
-    assert job_counts(result.stdout)["synthesize"] == 3 * len(methods)
+    config = yaml.safe_load(preset.read_text())
+    methods = config["run"]["methods"]
+    sweep = (config.get("analyses") or {}).get("budget")  # presets switch the analyses off with null
+    extra = 0 if sweep is None else len(sweep["methods"]) * len(set(sweep["budgets"]) - {1}) * sweep["n_seed"]
+    assert job_counts(result.stdout)["synthesize"] == 3 * len(methods) + extra

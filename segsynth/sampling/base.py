@@ -33,6 +33,8 @@ class Sampler(ABC):
 
     #: whether the sampler uses the frozen downstream segmenter f_θ while sampling
     needs_value_model: bool = False
+    #: whether the sampler needs a trained Adversariality Miner (``attach_miner``)
+    needs_miner: bool = False
 
     def __init__(self, params: dict):
         self.params = params

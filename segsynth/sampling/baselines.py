@@ -2,12 +2,13 @@
 
 Guided sampling          ``ugdm``         uncertainty (margin M_s) classifier guidance, Luo et al. 2024
                          ``tfg``          training-free guidance with V as the guidance function, Ye et al. 2024
+                         ``adv_guidance`` adversarial guidance (AG) of the Adversariality Miner paper
 Diffusion augmentation   ``advdiffuser``  adversarial (segmentation-loss) guidance, Chen et al. 2023
                          ``diffaug``      diffuse-and-denoise of the real image, Sastry et al. 2024
                          ``augpaint``     RePaint-style inpainting of the real image's foreground, Hu & Shi 2025
 Post-hoc scoring         ``gauda``        over-generate RD candidates, keep the most uncertain, Frisch et al. 2025
 
-The gradient-based samplers (ugdm, tfg, advdiffuser) share one step, :func:`guidance_gradient`: the Tweedie
+The gradient-based samplers (ugdm, tfg, advdiffuser, adv_guidance) share one step, :func:`guidance_gradient`: the Tweedie
 estimate x̂_{0|t} = (x_t − √(1−ᾱ_t)·ε_φ(x_t)) / √ᾱ_t (eq. 8, clipped only where the scheduler's own DDIM step
 clips it) is decoded with ``generator.decode``, scored by f_θ, and differentiated w.r.t. x_t through the UNet. None
 has VGD's trust region or value focus. Their objectives are per-image pixel means (``value.py``) multiplied by
@@ -179,26 +180,15 @@ class _GradientGuided(_Baseline):
         return images.detach(), [{"guidance_norm": float(n)} for n in norms]
 
 
-@register_sampler("ugdm")
-class UGDMSampler(_GradientGuided):
-    """UGDM-style uncertainty guidance: classifier guidance that ascends the margin uncertainty M_s alone.
+class _ScoreGuided(_GradientGuided):
+    """Classifier guidance in ε form (Dhariwal & Nichol): ε̂ = ε − s·√(1−ᾱ_t)·∇_{x_t}U(x̂_{0|t}), then the
+    ordinary DDIM update with ε̂ — the score s_φ + s·∇U written for an ε-predicting model. Key: ``scale`` (s)."""
 
-    UGDM (Luo et al. 2024, "Measurement guidance in diffusion models") plugs an uncertainty measure — the
-    top-1/top-2 margin among them — into guided-diffusion's ``cond_fn``; with DDIM that is the score-based
-    conditioning of Dhariwal & Nichol, ε̂ = ε − s·√(1−ᾱ_t)·∇_{x_t}U, followed by the ordinary DDIM update with
-    ε̂. Here U = Σ_pixels M_s of f_θ on the Tweedie estimate (UGDM's noisy classifier is replaced by the frozen
-    segmenter on x̂_{0|t}, as the VGD comparison prescribes). Key: ``scale`` (s ≥ 0).
-    """
-
-    NAME = "ugdm"
     DEFAULTS = {"scale": 1.0}
 
     def check(self):
         if self.params["scale"] < 0:
             self._fail("scale", "must be ≥ 0")
-
-    def objective(self, value_model, masks):
-        return margin_objective(value_model)
 
     def guided_step(self, traj, t, objective, index):
         g = guidance_gradient(traj, traj.x, t, objective)
@@ -210,6 +200,37 @@ class UGDMSampler(_GradientGuided):
         guided = step(guided_eps, t, traj.x, eta=traj.eta, variance_noise=noise).prev_sample
         traj.x = guided
         return _norms(guided - plain)
+
+
+@register_sampler("ugdm")
+class UGDMSampler(_ScoreGuided):
+    """UGDM-style uncertainty guidance: classifier guidance that ascends the margin uncertainty M_s alone.
+
+    UGDM (Luo et al. 2024, "Measurement guidance in diffusion models") plugs an uncertainty measure — the
+    top-1/top-2 margin among them — into guided-diffusion's ``cond_fn``; with DDIM that is the score-based
+    conditioning of :class:`_ScoreGuided`. Here U = Σ_pixels M_s of f_θ on the Tweedie estimate (UGDM's noisy
+    classifier is replaced by the frozen segmenter on x̂_{0|t}, as the VGD comparison prescribes). No trust
+    region, no focus. Key: ``scale`` (s ≥ 0).
+    """
+
+    NAME = "ugdm"
+
+    def objective(self, value_model, masks):
+        return margin_objective(value_model)
+
+
+@register_sampler("adv_guidance")
+class AdversarialGuidanceSampler(_ScoreGuided):
+    """Adversarial Guidance (AG) of the Miner paper: s_adv(x_t, t) = s_φ(x_t, t) + λ·∇_{x_t} ℓ_seg(f_θ(x̂_{0|t}), ŷ),
+    the log-derivative of the Gibbs preference q_φ(x|ŷ)·exp(λ·ℓ_seg) along the reverse trajectory — the
+    "artificial adversariality" the Miner is contrasted with. ℓ_seg is f_θ's cross-entropy against the target
+    mask, summed over pixels and divided by log K (the constant is absorbed in λ). Key: ``scale`` (λ ≥ 0).
+    """
+
+    NAME = "adv_guidance"
+
+    def objective(self, value_model, masks):
+        return cross_entropy_objective(value_model, masks)
 
 
 @register_sampler("tfg")

@@ -36,7 +36,7 @@ def conditioning_sources(n_train: int, budget: float, seed: int) -> np.ndarray:
 
 
 def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, out_dir, value_model_dir=None,
-               threads: int = 1) -> pd.DataFrame:
+               threads: int = 1, miner_dir=None) -> pd.DataFrame:
     """Run the sampler of ``method`` and write the synthetic set to ``out_dir``; returns its records."""
     set_torch_threads(threads)
     device = default_device()
@@ -48,6 +48,11 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
         value_model = load_segmenter(value_model_dir).as_value_model().to(device)
     elif sampler.needs_value_model:
         raise ValueError(f"method {method!r} needs the frozen segmenter f_θ (value_model_dir)")
+    if sampler.needs_miner:
+        if miner_dir is None:
+            raise ValueError(f"method {method!r} needs a trained Adversariality Miner (miner_dir)")
+        from ..miner import AdversarialityMiner
+        sampler.attach_miner(AdversarialityMiner.load(miner_dir).to(device))
 
     train = load_split(data_dir, "train")
     sources = conditioning_sources(len(train.masks), params["budget"], seed)

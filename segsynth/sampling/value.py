@@ -30,7 +30,10 @@ def margin_uncertainty(probs: torch.Tensor) -> torch.Tensor:
 
 
 def value_terms(probs: torch.Tensor, masks: torch.Tensor, ce_weight: float = 1.0, margin_weight: float = 1.0) -> dict:
-    """Per-sample terms of V = ζ(L_CE) + λ·M_s (eq. 2); the weights switch the terms off for ablations."""
+    """Per-sample terms of V = ζ(L_CE) + λ·M_s (eq. 2); the weights switch the terms off for ablations.
+
+    ``seg_loss`` is the same cross-entropy before the division by log K: the Miner paper's ℓ_seg."""
     ce = normalised_cross_entropy(probs, masks)
     margin = margin_uncertainty(probs)
-    return {"ce": ce, "margin": margin, "value": ce_weight * log_cosh(ce) + margin_weight * margin}
+    return {"ce": ce, "margin": margin, "value": ce_weight * log_cosh(ce) + margin_weight * margin,
+            "seg_loss": ce * math.log(probs.shape[1])}

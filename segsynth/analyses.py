@@ -1,0 +1,165 @@
+"""The Adversariality Miner paper's analyses: synthesis-budget sweep and adversariality subsets.
+
+- Budget sweep: the same method at N_s = b × |train| for b in a list (the paper's "gains keep growing with
+  budget" for the Miner, saturating for RD). A sweep entry is an ordinary synthesis method whose ``budget`` is
+  b (the workflow derives ``<method>_x<b>`` entries); b = 1 is the main run itself.
+- Adversariality subsets: the samples of one synthetic set whose ℓ_seg under f_θ exceeds τ (the paper's
+  subset table: count, share, ΔDSC, per-sample gain ΔDSC/|U|). τ = 0 is the whole set, i.e. the main run.
+
+Both tables read the per-run metrics the evaluation stage wrote; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .errors import InputDataError
+from .io import atomic_dir, save_array, write_json, write_parquet, write_text
+from .segmenters import load_synthetic_set
+from .tables import main_table, mean_std
+
+SUBSET_META = "meta.json"
+
+
+def budget_name(method: str, budget: float) -> str:
+    """The derived method of a budget-sweep entry: ``rd`` at 2 → ``rd_x2``; 1.5 → ``rd_x1p5``."""
+    return f"{method}_x{_number(budget)}"
+
+
+def subset_name(method: str, threshold: float) -> str:
+    """The derived method of an adversariality subset: ``rd`` above 0.3 → ``rd_ls0p3``."""
+    return f"{method}_ls{_number(threshold)}"
+
+
+def _number(value: float) -> str:
+    return f"{float(value):g}".replace(".", "p")
+
+
+def adversarial_subset(synthetic_dir, threshold: float, out_dir) -> dict:
+    """Write the samples of ``synthetic_dir`` with ℓ_seg > ``threshold`` as a synthetic set (possibly empty)."""
+    source = load_synthetic_set(synthetic_dir)
+    if "seg_loss" not in source.records:
+        raise InputDataError(f"{synthetic_dir}/records.parquet", "has no seg_loss column (ℓ_seg under f_θ)")
+    keep = (source.records["seg_loss"] > threshold).to_numpy()
+    meta = {"source": str(synthetic_dir), "threshold": float(threshold), "n_source": int(len(keep)),
+            "n": int(keep.sum()), "share": float(keep.mean()) if len(keep) else 0.0}
+    with atomic_dir(out_dir) as tmp:
+        save_array(tmp / "images.npy", source.images[keep])
+        save_array(tmp / "masks.npy", source.masks[keep])
+        write_parquet(tmp / "records.parquet", source.records[keep].reset_index(drop=True))
+        write_json(tmp / SUBSET_META, meta)
+    return meta
+
+
+def subset_size(synthetic_dir) -> tuple[int, float]:
+    """(count, share of the source set) of a synthetic set: a subset's meta.json, or a whole set (share 1)."""
+    import json
+    from pathlib import Path
+
+    meta = json.loads((Path(synthetic_dir) / SUBSET_META).read_text())
+    n = int(meta["n"])
+    if "threshold" not in meta:  # a whole synthetic set (τ = 0)
+        return n, 1.0
+    return n, n / meta["n_source"] if meta["n_source"] else 0.0
+
+
+def _dice_means(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run: the mean over foreground classes of the case-mean Dice (``main_table``'s class "mean")."""
+    main = main_table(runs)
+    dice = main[(main["class"] == "mean") & (main["metric"] == "dice")]
+    return dice.drop(columns=["class", "metric"]).rename(columns={"value": "dice"})
+
+
+def budget_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Rows: dataset, segmenter, method, budget, seed, dice, delta_dice (vs. the real-only Baseline).
+
+    ``runs``: dataset, segmenter, method (the swept method), budget, seed, path; ``baseline``: the same
+    columns but budget for the real-only runs."""
+    keyed = runs.rename(columns={"method": "swept"}).assign(method=lambda f: f["swept"] + "@" + f["budget"].astype(str))
+    dice = _dice_means(keyed[["dataset", "segmenter", "method", "seed", "path"]])
+    dice = dice.merge(keyed[["dataset", "segmenter", "method", "seed", "swept", "budget"]],
+                      on=["dataset", "segmenter", "method", "seed"])
+    base = _dice_means(baseline).groupby(["dataset", "segmenter"])["dice"].mean().rename("baseline_dice")
+    dice = dice.join(base, on=["dataset", "segmenter"])
+    dice["delta_dice"] = dice["dice"] - dice["baseline_dice"]
+    return (dice.drop(columns=["method", "baseline_dice"]).rename(columns={"swept": "method"})
+            [["dataset", "segmenter", "method", "budget", "seed", "dice", "delta_dice"]]
+            .sort_values(["dataset", "segmenter", "method", "budget", "seed"]).reset_index(drop=True))
+
+
+def budget_markdown(table: pd.DataFrame) -> str:
+    """ΔDSC (points) per method (rows) and budget (columns), mean ± std over seeds."""
+    budgets = sorted(table["budget"].unique())
+    lines = [f"ΔDSC (points) over the real-only Baseline by synthesis budget N_s = b × |train|; mean ± std over "
+             f"n = {_seed_count(table)} seeds.", "",
+             "| Dataset · segmenter | Method | " + " | ".join(f"{b:g}×" for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    for (dataset, segmenter, method), rows in table.groupby(["dataset", "segmenter", "method"], sort=False):
+        cells = [mean_std(rows.loc[rows["budget"] == b, "delta_dice"] * 100.0, 1) for b in budgets]
+        lines.append(f"| {dataset} · {segmenter} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def subset_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Rows: dataset, segmenter, method, threshold, seed, count, share, dice, delta_dice, per_sample_gain.
+
+    ``runs``: dataset, segmenter, method (the source method), threshold, seed, path (metrics parquet) and
+    synthetic (the set's directory: a subset, or the whole set for τ = 0), whose meta.json gives the count."""
+    sizes = [subset_size(d) for d in runs["synthetic"]]
+    keyed = runs.assign(run=lambda f: f["method"] + "@" + f["threshold"].astype(str),
+                        count=[n for n, _ in sizes], share=[share for _, share in sizes])
+    dice = _dice_means(keyed.rename(columns={"method": "source", "run": "method"})
+                       [["dataset", "segmenter", "method", "seed", "path"]])
+    dice = dice.rename(columns={"method": "run"}).merge(
+        keyed[["dataset", "segmenter", "run", "seed", "method", "threshold", "count", "share"]],
+        on=["dataset", "segmenter", "run", "seed"])
+    base = _dice_means(baseline).groupby(["dataset", "segmenter"])["dice"].mean().rename("baseline_dice")
+    dice = dice.join(base, on=["dataset", "segmenter"])
+    dice["delta_dice"] = dice["dice"] - dice["baseline_dice"]
+    dice["per_sample_gain"] = dice["delta_dice"] / dice["count"].where(dice["count"] > 0)
+    return (dice[["dataset", "segmenter", "method", "threshold", "seed", "count", "share", "dice", "delta_dice",
+                  "per_sample_gain"]]
+            .sort_values(["dataset", "segmenter", "method", "threshold", "seed"]).reset_index(drop=True))
+
+
+def subset_markdown(table: pd.DataFrame, baseline: pd.DataFrame) -> str:
+    """The paper's subset table: Baseline row, then one row per τ (count, share, DSC (Δ), per-sample gain)."""
+    base = _dice_means(baseline)
+    lines = [f"Training on the samples with ℓ_seg > τ under f_θ; mean ± std over n = {_seed_count(table)} seeds "
+             "(count and share: mean over seeds). Per-sample gain = ΔDSC (fraction) / count.", "",
+             "| Dataset · segmenter | Subset | Count | Share | DSC (%) (Δ) | Per-sample gain (×10⁻³) |",
+             "|---|---|---|---|---|---|"]
+    for (dataset, segmenter), rows in table.groupby(["dataset", "segmenter"], sort=False):
+        b = base.loc[(base["dataset"] == dataset) & (base["segmenter"] == segmenter), "dice"] * 100.0
+        lines.append(f"| {dataset} · {segmenter} | Baseline (real only) | – | – | "
+                     f"{mean_std(b, 1)} | – |")
+        for (method, threshold), run in rows.groupby(["method", "threshold"], sort=True):
+            label = f"{method}, τ = {threshold:g}" + (" (full set)" if threshold == 0 else "")
+            lines.append(f"| {dataset} · {segmenter} | {label} | {run['count'].mean():.0f} | "
+                         f"{100 * run['share'].mean():.1f}% | {mean_std(run['dice'] * 100.0, 1)} "
+                         f"({_signed(run['delta_dice'].mean() * 100.0)}) | "
+                         f"{mean_std(run['per_sample_gain'] * 1000.0, 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_budget_tables(runs: pd.DataFrame, baseline: pd.DataFrame, parquet_path, markdown_path) -> pd.DataFrame:
+    table = budget_table(runs, baseline)
+    write_parquet(parquet_path, table)
+    write_text(markdown_path, budget_markdown(table))
+    return table
+
+
+def write_subset_tables(runs: pd.DataFrame, baseline: pd.DataFrame, parquet_path, markdown_path) -> pd.DataFrame:
+    table = subset_table(runs, baseline)
+    write_parquet(parquet_path, table)
+    write_text(markdown_path, subset_markdown(table, baseline))
+    return table
+
+
+def _seed_count(table: pd.DataFrame) -> str:
+    counts = sorted(set(table.groupby(["dataset", "segmenter", "method"])["seed"].nunique()))
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.1f}"
