@@ -18,6 +18,8 @@ rule train_miner:
     conda:
         "../envs/torch.yaml"
     threads: 2
+    # The Miner is on the critical path of every miner synthesis job: start it as soon as its inputs exist.
+    priority: 10
     resources:
         gpu=1,
         runtime=720,
