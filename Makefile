@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: demo test install report lint dryrun clean
+.PHONY: demo test install report lint dryrun paper-dryrun clean
 
 install: $(STAMP)
 
@@ -44,6 +44,13 @@ lint: $(STAMP)
 
 dryrun: $(STAMP)
 	$(SNAKEMAKE) -n
+
+# The papers' whole benchmark (presets/paper.yaml) dry-run on placeholder copies of its three datasets.
+paper-dryrun: $(STAMP)
+	@tmp=$$(mktemp -d) && $(PY) -m segsynth.data.placeholders $$tmp > /dev/null && \
+	start=$$(date +%s%N) && \
+	$(SNAKEMAKE) -n --nolock --configfile config.yaml presets/paper.yaml $$tmp/paths.yaml && \
+	echo "paper DAG (every job listed above) resolved in $$(( ($$(date +%s%N) - start) / 1000000 )) ms (placeholder datasets in $$tmp)"
 
 clean:
 	rm -rf results logs benchmarks .snakemake

@@ -12,9 +12,12 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from segsynth.data.acdc import build_acdc
 from segsynth.data.canonical import write_canonical
 from segsynth.data.folder import build_folder
 from segsynth.data.mni152 import build_mni152
+from segsynth.data.nnunet_raw import build_nnunet_raw
+from segsynth.data.synapse import build_synapse
 from segsynth.errors import ConfigError
 
 Adapter = Callable[[str, dict], tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]]
@@ -22,6 +25,9 @@ Adapter = Callable[[str, dict], tuple[np.ndarray, np.ndarray, pd.DataFrame, dict
 ADAPTERS: dict[str, Adapter] = {
     "mni152": build_mni152,
     "folder": build_folder,
+    "acdc": build_acdc,
+    "synapse": build_synapse,
+    "nnunet_raw": build_nnunet_raw,
 }
 
 

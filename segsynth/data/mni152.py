@@ -19,6 +19,7 @@ import pandas as pd
 
 from segsynth.data.canonical import config_option
 from segsynth.data.splits import slab_split
+from segsynth.data.volumes import square_resize
 from segsynth.errors import ConfigError
 
 CLASS_NAMES = ["background", "csf", "gm", "wm"]
@@ -124,21 +125,13 @@ def _slices(volumes: np.ndarray, axis: int, slice_indices: list[int], resolution
 
     All channels (image, probability maps, brain mask) are resized together with area averaging so
     that labels can be taken by argmax afterwards, which gives smoother masks than resizing labels.
-    MONAI is imported here for the same reason as nilearn in :func:`_load_template`.
     """
-    import torch
-    from monai.transforms import Resize
-
     # Rotating the (X, Y) or (X, Z) plane puts anterior or superior at the top, the subject's
     # left on the image left (neurological convention).
     stack = np.rot90(np.moveaxis(volumes, axis + 1, 0)[slice_indices], axes=(2, 3))
     n, c, h, w = stack.shape
-    side = max(h, w)
-    padded = np.zeros((n * c, side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    padded[:, top : top + h, left : left + w] = stack.reshape(n * c, h, w)
-    resized = Resize(spatial_size=(resolution, resolution), mode="area")(torch.from_numpy(padded))
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0).reshape(n, c, resolution, resolution)
+    resized = square_resize(stack.reshape(n * c, h, w), resolution, "area")
+    return np.clip(resized, 0.0, 1.0).reshape(n, c, resolution, resolution)
 
 
 def _labels(tissue: np.ndarray, brain: np.ndarray) -> np.ndarray:
