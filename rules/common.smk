@@ -158,5 +158,18 @@ def final_outputs():
         "results/tables/adherence.parquet",
         "results/tables/adherence.md",
         "results/tables/cost.md",
+        "results/tables/segmenters.parquet",
+        "results/tables/segmenters.md",
         "results/figures/dice.png",
     ] + sample_figures() + analysis_outputs()
+
+
+def segmenter_runs():
+    """One row per real-only model: its test metrics, its profile and its training job's benchmark file."""
+    return [
+        dict(dataset=d, segmenter=s, eval=f"results/{d}/eval/{s}/real.parquet",
+             profile=f"results/{d}/eval/{s}/profile.json",
+             benchmark=f"benchmarks/{d}/segmenters/{s}/real.tsv")
+        for d in RUN["datasets"]
+        for s in RUN["segmenters"]
+    ]

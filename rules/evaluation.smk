@@ -38,3 +38,22 @@ rule evaluate_augmented:
         mem_mb=4000,
     script:
         "../scripts/evaluate.py"
+
+
+rule profile_segmenter:
+    """Parameters and MACs of the real-only model at the dataset's resolution (the segmenter table)."""
+    input:
+        model="results/{dataset}/segmenters/{segmenter}/real",
+        data="results/{dataset}/data",
+    output:
+        "results/{dataset}/eval/{segmenter}/profile.json",
+    log:
+        "logs/{dataset}/eval/{segmenter}/profile.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        runtime=15,
+        mem_mb=4000,
+    script:
+        "../scripts/profile_segmenter.py"

@@ -1,5 +1,6 @@
 localrules:
     main_table,
+    segmenter_table,
     budget_table,
     subset_table,
     budget_figure,
@@ -216,3 +217,25 @@ rule subset_table:
         "../envs/torch.yaml"
     script:
         "../scripts/subset_table.py"
+
+
+rule segmenter_table:
+    """Every segmenter side by side (params, MACs, training time, Dice/ASD/HD95), the shape of ORDER's Table 3."""
+    input:
+        [run[key] for run in segmenter_runs() for key in ("eval", "profile")],
+    output:
+        parquet="results/tables/segmenters.parquet",
+        markdown=report(
+            "results/tables/segmenters.md",
+            caption="../report/segmenters.rst",
+            category="Tables",
+            labels={"table": "segmenters"},
+        ),
+    params:
+        runs=segmenter_runs(),
+    log:
+        "logs/tables/segmenters.log",
+    conda:
+        "../envs/tables.yaml"
+    script:
+        "../scripts/segmenter_table.py"

@@ -82,6 +82,33 @@ def score_synthetic(model_dir, synthetic_dir, out_path=None) -> pd.DataFrame:
     return frame
 
 
+def profile_segmenter(model_dir, data_dir, out_path) -> dict:
+    """Size and compute of a trained segmenter at the dataset's resolution, for the segmenter table.
+
+    ``params`` counts every parameter of the network the segmenter evaluates with (its value model:
+    the network with its own preprocessing); ``macs`` is half the floating-point operations of one
+    forward pass of a single image, counted by torch's ``FlopCounterMode`` (convolutions, matmuls and
+    attention; elementwise operations are not counted, as in the usual MACs tables).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .data.canonical import read_meta
+    from .io import write_json
+
+    set_torch_threads(1)
+    segmenter = load_segmenter(model_dir)
+    meta = read_meta(data_dir)
+    network = segmenter.as_value_model()
+    image = torch.zeros(1, meta["channels"], *meta["resolution"])
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        network(image)
+    profile = {"kind": segmenter.kind, "params": int(sum(p.numel() for p in network.parameters())),
+               "macs": int(counter.get_total_flops() // 2), "resolution": list(meta["resolution"])}
+    write_json(out_path, profile)
+    return profile
+
+
 def predict_labels(segmenter: Segmenter, images: np.ndarray) -> np.ndarray:
     """Arg-max labels (N,H,W) uint8, predicted chunk-wise so the (N,K,H,W) probabilities never coexist."""
     labels = np.empty((len(images), *images.shape[2:]), dtype=np.uint8)

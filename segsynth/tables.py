@@ -131,6 +131,49 @@ def _caption(means: pd.DataFrame) -> str:
             "DSC in %, ASD and HD95 in pixels.")
 
 
+def segmenter_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, segmenter) real-only model, the shape of ORDER's Table 3.
+
+    ``rows`` has columns dataset, segmenter, eval (the model's test metrics parquet), profile (the JSON of
+    ``profile_segmenter``) and benchmark (the training job's benchmark file). Metrics are mean and std over
+    test samples of each sample's mean over the foreground classes present (Dice, ASD, HD95).
+    """
+    from .io import read_json
+
+    records = []
+    for row in rows.itertuples(index=False):
+        profile = read_json(row.profile)
+        metrics = pd.read_parquet(row.eval)
+        per_sample = metrics.groupby(["metric", "sample_id"])["value"].mean().groupby("metric")
+        record = {"dataset": row.dataset, "segmenter": row.segmenter, "kind": profile["kind"],
+                  "params": profile["params"], "macs": profile["macs"],
+                  "train_s": float(pd.read_csv(row.benchmark, sep="\t")["s"].iloc[-1])}
+        for metric, values in per_sample:
+            record[f"{metric}_mean"], record[f"{metric}_std"] = values.mean(), values.std(ddof=1)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def segmenter_markdown(table: pd.DataFrame) -> str:
+    lines = ["Real-only models; metrics are mean ± std over test samples of the mean over foreground classes "
+             "(DSC in %, ASD and HD95 in pixels); MACs of one image at the dataset's resolution; training wall "
+             "time from the job's benchmark file.", "",
+             "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | ASD | HD95 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.dataset} | {r.segmenter} | {r.kind} | {r.params:,} | {r.macs / 1e6:.1f} | {r.train_s:.0f} | "
+                     f"{100 * r.dice_mean:.1f} ± {100 * r.dice_std:.1f} | {r.asd_mean:.2f} ± {r.asd_std:.2f} | "
+                     f"{r.hd95_mean:.2f} ± {r.hd95_std:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_segmenter_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> pd.DataFrame:
+    table = segmenter_table(rows)
+    write_parquet(parquet_path, table)
+    write_text(markdown_path, segmenter_markdown(table))
+    return table
+
+
 def cost_table(benchmark_dir) -> pd.DataFrame:
     """Per rule: job count, summed and longest wall seconds, and the largest peak RSS (MiB) over its jobs,
     read from the Snakemake ``benchmark:`` files (s, max_rss columns) under ``benchmark_dir``."""

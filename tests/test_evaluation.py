@@ -10,7 +10,7 @@ import pytest
 from segsynth import evaluation
 from segsynth.data import canonical
 from segsynth.evaluation import dice_scores, distance_scores, evaluate_segmenter, score_synthetic
-from segsynth.segmenters import train_segmenter
+from segsynth.segmenters import load_segmenter, train_segmenter
 
 CLASS_NAMES = ["background", "a", "b"]
 SIZE = 16
@@ -154,3 +154,28 @@ def test_evaluate_trained_model_end_to_end(tmp_path):
     assert len(frame) == 4 * 2 * 3 and set(frame["metric"]) == {"dice", "asd", "hd95"}
     values = frame["value"].dropna()
     assert values.between(0.0, DIAGONAL).all()
+
+
+def test_profile_and_segmenter_table(tmp_path):
+    from conftest import make_tiny_dataset
+    from segsynth.evaluation import profile_segmenter
+    from segsynth.tables import write_segmenter_tables
+
+    data = make_tiny_dataset(tmp_path / "data")
+    cfg = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 2,
+           "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "checkpoint_every": 0, "augment": False}
+    train_segmenter(cfg, data, tmp_path / "model", seed=0)
+    profile = profile_segmenter(tmp_path / "model", data, tmp_path / "profile.json")
+    network = load_segmenter(tmp_path / "model").network
+    assert profile["params"] == sum(p.numel() for p in network.parameters()) > 0
+    # The first convolution alone (1 → 4 channels, 3×3, stride 2 on 16²: 8² outputs) is 4·9·64 MACs.
+    assert profile["macs"] > 4 * 9 * 64 and profile["kind"] == "monai_unet"
+
+    evaluate_segmenter(tmp_path / "model", data, tmp_path / "metrics.parquet")
+    (tmp_path / "bench.tsv").write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t300\n")
+    rows = pd.DataFrame([{"dataset": "tiny", "segmenter": "unet", "eval": tmp_path / "metrics.parquet",
+                          "profile": tmp_path / "profile.json", "benchmark": tmp_path / "bench.tsv"}])
+    table = write_segmenter_tables(rows, tmp_path / "seg.parquet", tmp_path / "seg.md")
+    assert list(table["params"]) == [profile["params"]] and list(table["train_s"]) == [12.5]
+    assert 0 <= table["dice_mean"].iloc[0] <= 1 and table["hd95_std"].notna().all()
+    assert "| tiny | unet | monai_unet |" in (tmp_path / "seg.md").read_text()

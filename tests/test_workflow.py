@@ -20,7 +20,7 @@ E2E_CONFIG = REPO / "tests" / "config" / "e2e.yaml"
 STAGES = {"splits", "train_generator", "train_segmenter_real", "synthesize", "mask_adherence",
           "train_segmenter_augmented", "evaluate_real", "evaluate_augmented", "main_table", "adherence_table",
           "dice_figure", "sample_figure", "train_miner", "adversarial_subset", "budget_table", "subset_table",
-          "budget_figure"}
+          "budget_figure", "profile_segmenter", "segmenter_table"}
 
 
 def snakemake(*args, cwd, timeout=900):
@@ -96,6 +96,9 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     subsets = pd.read_parquet(results / "tables" / "subsets.parquet")
     assert len(subsets) == 4 and (subsets.loc[subsets["threshold"] == 0, "share"] == 1).all()
     assert "τ = 0.3" in (results / "tables" / "subsets.md").read_text()
+    segmenters = pd.read_parquet(results / "tables" / "segmenters.parquet")
+    assert list(segmenters["segmenter"]) == ["unet"] and (segmenters["params"] > 0).all()
+    assert segmenters["train_s"].gt(0).all() and segmenters["dice_mean"].between(0, 1).all()
     for figure in ("dice.png", "samples_mni152_tiny.png", "budget.png"):
         assert (results / "figures" / figure).stat().st_size > 1000
     # every costly rule left a benchmark file and every rule a log

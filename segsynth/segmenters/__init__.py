@@ -17,16 +17,19 @@ from ..errors import ConfigError, InputDataError
 from ..training import set_torch_threads
 from .base import (STATS_FILE, Segmenter, SyntheticSet, TorchSegmenter, load_synthetic_set,
                    read_model_meta)
+from .lightweight import ORDER, MKUNet
 from .monai_nets import MonaiBasicUNet, MonaiUNet
+from .swin_unet import SwinUNet
 
 __all__ = [
-    "SEGMENTERS", "Segmenter", "TorchSegmenter", "SyntheticSet", "MonaiUNet", "MonaiBasicUNet",
+    "SEGMENTERS", "Segmenter", "TorchSegmenter", "SyntheticSet", "MonaiUNet", "MonaiBasicUNet", "MKUNet", "ORDER",
+    "SwinUNet",
     "get_segmenter_class", "load_segmenter", "load_synthetic_set", "train_segmenter", "STATS_FILE",
 ]
 
 log = logging.getLogger(__name__)
 
-SEGMENTERS: dict[str, type[Segmenter]] = {cls.kind: cls for cls in (MonaiUNet, MonaiBasicUNet)}
+SEGMENTERS: dict[str, type[Segmenter]] = {cls.kind: cls for cls in (MonaiUNet, MonaiBasicUNet, MKUNet, ORDER, SwinUNet)}
 
 
 def get_segmenter_class(kind: str) -> type[Segmenter]:
