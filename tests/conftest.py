@@ -54,6 +54,23 @@ TINY_GENERATOR = {
 }
 
 
+def toy_arrays(n: int, seed: int = 0, size: int = 16, square: int = 5):
+    """Segmenter toy data: images whose bright square is class 1 and dim bar class 2, at random places."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.0, 0.1, size=(n, 1, size, size)).astype(np.float32)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        r, c = rng.integers(0, size - square, size=2)
+        masks[i, r:r + square, c:c + square] = 1
+        images[i, 0, r:r + square, c:c + square] = 0.9
+        col = rng.integers(0, size)
+        masks[i, :, col][masks[i, :, col] == 0] = 2
+        images[i, 0, :, col][masks[i, :, col] == 2] = 0.5
+    return images, masks
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     return make_tiny_dataset(tmp_path / "data")

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import toy_arrays
 
 from segsynth.data import canonical
 from segsynth.errors import ConfigError, InputDataError
@@ -18,21 +19,6 @@ UNET_CFG = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_u
             "batch_size": 4, "lr": 1e-2, "weight_decay": 1e-4, "checkpoint_every": 3, "augment": True}
 BASIC_CFG = {"kind": "monai_basicunet", "features": [4, 4, 4, 4, 4, 4], "steps": 2, "batch_size": 2,
              "lr": 1e-3, "weight_decay": 1e-4, "checkpoint_every": 0, "augment": False}
-
-
-def toy_arrays(n: int, seed: int = 0, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose bright square is class 1 and dim bar class 2, at random places."""
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0.0, 0.1, size=(n, 1, size, size)).astype(np.float32)
-    masks = np.zeros((n, size, size), dtype=np.uint8)
-    for i in range(n):
-        r, c = rng.integers(0, size - 5, size=2)
-        masks[i, r:r + 5, c:c + 5] = 1
-        images[i, 0, r:r + 5, c:c + 5] = 0.9
-        col = rng.integers(0, size)
-        masks[i, :, col][masks[i, :, col] == 0] = 2
-        images[i, 0, :, col][masks[i, :, col] == 2] = 0.5
-    return images, masks
 
 
 def write_dataset(directory, n_train: int = 8, n_test: int = 4):
@@ -83,8 +69,8 @@ def train_unet(tmp_path, seed: int, name: str, cfg: dict = UNET_CFG) -> tuple[Mo
 def test_registry_knows_monai_nets_and_names_unknown_kinds():
     assert get_segmenter_class("monai_unet") is MonaiUNet
     assert get_segmenter_class("monai_basicunet") is MonaiBasicUNet
-    with pytest.raises(ConfigError, match="nnunet.*monai_basicunet.*monai_unet"):
-        get_segmenter_class("nnunet")
+    with pytest.raises(ConfigError, match="nnformer.*monai_basicunet.*monai_unet.*nnunet"):
+        get_segmenter_class("nnformer")
 
 
 def test_training_is_deterministic_per_seed(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+import conftest
 from segsynth.config import validate_config
 from segsynth.errors import ConfigError, InputDataError
 from segsynth.segmenters import ORDER, MKUNet, SwinUNet, get_segmenter_class, load_segmenter
@@ -29,19 +30,8 @@ SIZES = {"mk_unet": 64, "order": 64, "swin_unet": 32}
 PAPER_PARAMS = {"mk_unet": 27_000, "order": 42_000}
 
 
-def toy_arrays(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose bright square is class 1 and dim bar class 2, at random places."""
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0.0, 0.1, size=(n, 1, size, size)).astype(np.float32)
-    masks = np.zeros((n, size, size), dtype=np.uint8)
-    for i in range(n):
-        r, c = rng.integers(0, size - 9, size=2)
-        masks[i, r:r + 9, c:c + 9] = 1
-        images[i, 0, r:r + 9, c:c + 9] = 0.9
-        col = rng.integers(0, size)
-        masks[i, :, col][masks[i, :, col] == 0] = 2
-        images[i, 0, :, col][masks[i, :, col] == 2] = 0.5
-    return images, masks
+def toy_arrays(n: int, size: int, seed: int = 0):
+    return conftest.toy_arrays(n, seed=seed, size=size, square=9)
 
 
 def make(kind: str, cfg: dict | None = None):
@@ -228,5 +218,17 @@ def test_swin_unet_loads_matching_swin_t_weights(tmp_path, caplog):
 
 
 def test_registry_knows_the_new_kinds():
-    assert (get_segmenter_class("mk_unet"), get_segmenter_class("order"), get_segmenter_class("swin_unet")) == (
-        MKUNet, ORDER, SwinUNet)
+    from segsynth.segmenters import NnUNetSegmenter
+    assert (get_segmenter_class("mk_unet"), get_segmenter_class("order"), get_segmenter_class("swin_unet"),
+            get_segmenter_class("nnunet")) == (MKUNet, ORDER, SwinUNet, NnUNetSegmenter)
+
+
+def test_config_schema_takes_nnunet_as_f_theta_and_names_a_bad_trainer(repo_root):
+    config = yaml.safe_load((repo_root / "config.yaml").read_text())
+    config["run"]["value_segmenter"] = "nnunet"
+    config["run"]["segmenters"] = ["nnunet"]
+    validate_config(config)
+
+    config["segmenters"]["nnunet"]["trainer"] = "nnUNetTrainer_250epochs"
+    with pytest.raises(ConfigError, match="segmenters.nnunet"):
+        validate_config(config)

@@ -19,17 +19,19 @@ from .base import (STATS_FILE, Segmenter, SyntheticSet, TorchSegmenter, load_syn
                    read_model_meta)
 from .lightweight import ORDER, MKUNet
 from .monai_nets import MonaiBasicUNet, MonaiUNet
+from .nnunet import NnUNetSegmenter
 from .swin_unet import SwinUNet
 
 __all__ = [
     "SEGMENTERS", "Segmenter", "TorchSegmenter", "SyntheticSet", "MonaiUNet", "MonaiBasicUNet", "MKUNet", "ORDER",
-    "SwinUNet",
+    "SwinUNet", "NnUNetSegmenter",
     "get_segmenter_class", "load_segmenter", "load_synthetic_set", "train_segmenter", "STATS_FILE",
 ]
 
 log = logging.getLogger(__name__)
 
-SEGMENTERS: dict[str, type[Segmenter]] = {cls.kind: cls for cls in (MonaiUNet, MonaiBasicUNet, MKUNet, ORDER, SwinUNet)}
+SEGMENTERS: dict[str, type[Segmenter]] = {cls.kind: cls for cls in (MonaiUNet, MonaiBasicUNet, MKUNet, ORDER, SwinUNet,
+                                                                    NnUNetSegmenter)}
 
 
 def get_segmenter_class(kind: str) -> type[Segmenter]:
@@ -65,6 +67,7 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
     masks = np.concatenate([real.masks, *(s.masks for s in synthetic)])
 
     segmenter = get_segmenter_class(cfg["kind"])(cfg, images.shape[1], len(class_names), class_names)
+    segmenter.synthetic_from = len(real.images)  # rows from here on are synthetic: nnunet keeps them out of validation
     stats = segmenter.train(images, masks, checkpoint_dir, seed)
     stats.update(seed=int(seed), n_real=int(len(real.images)), n_synthetic=int(len(images) - len(real.images)),
                  synthetic_dirs=[str(d) for d in synthetic_dirs])

@@ -1,0 +1,768 @@
+"""nnU-Net v2 (Isensee et al. 2021) as a downstream segmenter and value model, kind ``nnunet``.
+
+nnU-Net plans its own network, patch size, batch size and normalisation from the training data, so
+``train`` goes through nnU-Net's own pipeline: the pooled (N,C,H,W) images are written as a nnU-Net
+raw dataset inside the checkpoint directory (``<checkpoint_dir>/nnunet/nnUNet_raw/Dataset501_segsynth``:
+one float32 2D TIFF per case and channel, read by nnU-Net's ``NaturalImage2DIO``, so no 8-bit
+quantisation), then the fingerprint is extracted, the default ``ExperimentPlanner`` plans, the default
+preprocessor preprocesses (in this process) and a trainer trains, all through the Python API.
+
+Why not the CLI: nnU-Net finds trainers by name by importing every trainer module, and its Primus
+trainers import timm → torchvision; this module constructs its trainer class and ``nnUNetPredictor``
+itself, so no name lookup of a trainer ever happens.
+
+Paths: nnU-Net reads ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` through objects
+in ``nnunetv2.paths`` that many modules import by name. ``nnunet_paths`` swaps those objects, in
+every loaded ``nnunetv2`` module, for fixed paths of one job and puts the originals back afterwards;
+``os.environ`` is never written, so jobs in one process cannot see each other's folders.
+
+Config keys (``DEFAULTS``): ``trainer`` ("standard": nnU-Net's ``nnUNetTrainer`` with its 1000
+epochs × 250 iterations, subclassed only to write checkpoints atomically; "short": a subclass with
+``epochs``, ``iterations_per_epoch``, ``val_iterations_per_epoch``), ``configuration`` (only "2d": the images are 2D), ``fold`` ("all":
+train on every case, nnU-Net's "all" fold; or an integer fold of ``splits_final.json``),
+``num_folds`` (folds of the real cases in ``splits_final.json``), ``checkpoint_every`` (nnU-Net's
+``save_every``, in epochs), ``normalization`` (the nnU-Net channel name written to ``dataset.json``:
+"zscore" — nnU-Net's default, as for MRI —, "ct", "noNorm", "rescale_to_0_1", or "rgb_to_0_1", for
+which the images are exported on the 0–255 scale), ``use_mirroring`` and ``tile_step_size``
+(prediction), ``data_workers`` (augmentation processes; null = nnU-Net's own rule, which reads
+``nnUNet_n_proc_DA``), ``device`` (null = CUDA when available), ``steps`` (optional, "short" only: a budget of
+iterations like the torch segmenters', rounded up to whole epochs; it replaces ``epochs``).
+
+nnU-Net's final validation (``perform_actual_validation``: exporting predictions of the validation
+cases through a spawned process pool) is not run; segsynth's evaluation scores the test split.
+
+Splits: rows from ``synthetic_from`` on (argument of ``train``, or the attribute of the same name) are
+synthetic; ``splits_final.json`` puts them in the training part of every fold, so validation (nnU-Net's
+pseudo Dice and ``checkpoint_best``) only ever sees real cases. The test split never reaches ``train``.
+
+Determinism: torch, numpy and ``random`` are seeded before the network is built, so with
+``data_workers`` 0 on the CPU a training run is repeatable. Not repeatable: augmentation with worker
+processes (nnU-Net's ``NonDetMultiThreadedAugmenter`` serves batches in arrival order), CUDA kernels
+(nnU-Net turns on cuDNN benchmarking and mixed precision), and a resumed run: nnU-Net's checkpoint
+holds weights, optimiser, epoch and logs but not the data loader's random state, so a resumed job ends
+at the same epoch with different (equally valid) weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InputDataError
+from ..io import atomic_path, read_json, write_json
+from ..training import default_device
+from .base import Segmenter
+
+log = logging.getLogger(__name__)
+
+DATASET_NAME = "Dataset501_segsynth"
+PLANS_NAME = "nnUNetPlans"
+FILE_ENDING = ".tif"
+MODEL_SUBDIR = "nnunet"
+PREPARED_FILE = "segsynth_prepared.json"
+TRAINERS = ("standard", "short")  # config values → nnUNetTrainerSegsynth, nnUNetTrainerSegsynthShort
+# nnU-Net channel names (nnunetv2.preprocessing.normalization.map_channel_name_to_normalization)
+NORMALIZATIONS = {"zscore": "zscore", "ct": "CT", "nonorm": "noNorm", "rescale_to_0_1": "rescale_to_0_1",
+                  "rgb_to_0_1": "rgb_to_0_1"}
+
+DEFAULTS = {
+    "trainer": "standard", "configuration": "2d", "fold": "all", "num_folds": 5, "checkpoint_every": 50,
+    "epochs": 50, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
+    "normalization": "zscore", "use_mirroring": True, "tile_step_size": 0.5, "data_workers": None,
+    "device": None, "steps": None,
+}
+
+
+# --- nnU-Net paths, set per job -------------------------------------------------------------------
+
+
+def _import_nnunet():
+    """Import every nnU-Net module this module uses (slow: ~several seconds), before paths are patched.
+
+    Importing them first matters: a module imported while ``nnunet_paths`` is active would keep the
+    job's fixed paths; ``nnunet_paths`` also sweeps for such leftovers on exit.
+    """
+    import nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor  # noqa: F401
+    import nnunetv2.experiment_planning.experiment_planners.default_experiment_planner  # noqa: F401
+    import nnunetv2.inference.predict_from_raw_data  # noqa: F401
+    import nnunetv2.preprocessing.preprocessors.default_preprocessor  # noqa: F401
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer  # noqa: F401
+    import nnunetv2.utilities.crossval_split  # noqa: F401
+    import nnunetv2.utilities.plans_handling.plans_handler  # noqa: F401
+
+
+PATH_NAMES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def _nnunet_modules():
+    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "nnunetv2" or name.startswith("nnunetv2."))]
+
+
+class _InProcessMultiprocessing:
+    """Stands in for the ``multiprocessing`` module of nnU-Net's fingerprint extractor and preprocessor:
+    their ``get_context("spawn").Pool(n)`` becomes a thread pool, so no process is spawned (a spawned
+    worker re-imports torch and nnU-Net, and re-runs the parent's ``__main__`` module)."""
+
+    @staticmethod
+    def get_context(method=None):
+        import multiprocessing.dummy
+        return multiprocessing.dummy
+
+
+@contextlib.contextmanager
+def nnunet_paths(raw, preprocessed, results, data_workers: int | None = None):
+    """Point nnU-Net at these three folders inside the block, without touching ``os.environ``.
+
+    ``nnunetv2.paths`` holds one object per folder that reads its environment variable when used, and
+    modules bind those objects by name (``from nnunetv2.paths import nnUNet_raw``). Each binding in a
+    loaded ``nnunetv2`` module is replaced by a fixed path of the same type and restored on exit.
+    Inside the block nnU-Net's fingerprint/preprocessing pools run as threads in this process, and
+    ``data_workers`` (when not None) replaces nnU-Net's choice of augmentation processes; the planner
+    sizes its network with the caller's torch thread count.
+    """
+    _import_nnunet()
+    import nnunetv2.paths as paths
+
+    originals = {name: getattr(paths, name) for name in PATH_NAMES}
+    env_path_type = type(originals["nnUNet_raw"])
+
+    class FixedPath(env_path_type):
+        def __init__(self, env_var_name: str, value: str):
+            super().__init__(env_var_name, "")
+            self.value = value
+
+        def get(self):
+            return self.value
+
+    fixed = {"nnUNet_raw": FixedPath("nnUNet_raw", str(raw)),
+             "nnUNet_preprocessed": FixedPath("nnUNet_preprocessed", str(preprocessed)),
+             "nnUNet_results": FixedPath("nnUNet_results", str(results))}
+    patches = []  # (module, attribute, original value)
+    for module in _nnunet_modules():
+        namespace = vars(module)
+        for name in PATH_NAMES:
+            if namespace.get(name) is originals[name]:
+                patches.append((module, name, originals[name]))
+                setattr(module, name, fixed[name])
+    import nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor as fingerprint_module
+    import nnunetv2.preprocessing.preprocessors.default_preprocessor as preprocessor_module
+    import nnunetv2.experiment_planning.experiment_planners.default_experiment_planner as planner_module
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+    for module in (fingerprint_module, preprocessor_module):
+        patches.append((module, "multiprocessing", module.multiprocessing))
+        module.multiprocessing = _InProcessMultiprocessing
+    # the planner sets torch's threads to the augmentation process count while it sizes the network,
+    # which fails for nnUNet_n_proc_DA=0: keep the caller's thread count instead
+    patches.append((planner_module, "get_allowed_n_proc_DA", planner_module.get_allowed_n_proc_DA))
+    planner_module.get_allowed_n_proc_DA = lambda: max(1, torch.get_num_threads())
+    if data_workers is not None:
+        patches.append((trainer_module, "get_allowed_n_proc_DA", trainer_module.get_allowed_n_proc_DA))
+        trainer_module.get_allowed_n_proc_DA = lambda: int(data_workers)
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(patches):
+            setattr(module, name, value)
+        # a module first imported inside the block bound the fixed paths: give it the originals
+        for module in _nnunet_modules():
+            namespace = vars(module)
+            for name in PATH_NAMES:
+                if isinstance(namespace.get(name), FixedPath):
+                    setattr(module, name, originals[name])
+
+
+# --- trainers ---------------------------------------------------------------------------------------
+
+_TRAINER_CLASSES: dict = {}
+
+
+def trainer_class(name: str):
+    """The nnU-Net trainer class for config value ``name`` (built once, on first use: lazy import)."""
+    if name not in TRAINERS:
+        raise ConfigError("segmenters.trainer", f"must be one of {TRAINERS}, got {name!r}")
+    if not _TRAINER_CLASSES:
+        import os
+
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        class nnUNetTrainerSegsynth(nnUNetTrainer):
+            """``nnUNetTrainer`` unchanged (1000 epochs × 250 iterations) except that checkpoints are
+            written atomically: a job killed while saving never leaves a truncated ``checkpoint_latest.pth``."""
+
+            def save_checkpoint(self, filename: str) -> None:
+                tmp = f"{filename}.tmp"
+                super().save_checkpoint(tmp)
+                if os.path.exists(tmp):
+                    os.replace(tmp, filename)
+
+        class nnUNetTrainerSegsynthShort(nnUNetTrainerSegsynth):
+            """A configurable schedule: call ``set_schedule`` before ``initialize``.
+
+            The constructor keeps nnU-Net's signature (nnU-Net records its arguments by introspection
+            for checkpoints), so the schedule is set by a method instead of constructor arguments.
+            """
+
+            def set_schedule(self, epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
+                             plot_progress: bool = False):
+                """The schedule; ``plot_progress`` False skips nnU-Net's 3000×5400-pixel progress.png per epoch."""
+                if self.was_initialized:
+                    raise RuntimeError("set the schedule before the trainer is initialised")
+                self.num_epochs = int(epochs)
+                self.num_iterations_per_epoch = int(iterations_per_epoch)
+                self.num_val_iterations_per_epoch = int(val_iterations_per_epoch)
+                if not plot_progress:
+                    self.logger.plot_progress_png = lambda output_folder: None
+
+        globals().update(nnUNetTrainerSegsynth=nnUNetTrainerSegsynth,
+                         nnUNetTrainerSegsynthShort=nnUNetTrainerSegsynthShort)
+        _TRAINER_CLASSES.update(standard=nnUNetTrainerSegsynth, short=nnUNetTrainerSegsynthShort)
+    return _TRAINER_CLASSES[name]
+
+
+# --- the segmenter ----------------------------------------------------------------------------------
+
+
+class NnUNetSegmenter(Segmenter):
+    """nnU-Net v2 trained and applied through its Python API; see the module docstring."""
+
+    kind: ClassVar[str] = "nnunet"
+
+    def __init__(self, cfg: dict, in_channels: int, num_classes: int,
+                 class_names: Sequence[str] | None = None, device: str | torch.device | None = None):
+        super().__init__(cfg, in_channels, num_classes, class_names)
+        self.options = self._check_config(cfg)
+        chosen = device if device is not None else self.options["device"]
+        self.device = torch.device(chosen) if chosen is not None else default_device()
+        self.synthetic_from: int | None = None
+        self._model: dict | None = None  # plans, dataset_json, fingerprint, checkpoint (weights etc.)
+        self._predictor = None
+        self._network = None
+
+    # config ------------------------------------------------------------------------------------------
+
+    def _check_config(self, cfg: dict) -> dict:
+        unknown = set(cfg) - set(DEFAULTS) - {"kind", "name"}
+        if unknown:
+            raise ConfigError("segmenters", f"unknown nnunet keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        options = {**DEFAULTS, **{k: v for k, v in cfg.items() if k in DEFAULTS}}
+        if options["trainer"] not in TRAINERS:
+            raise ConfigError("segmenters.trainer", f"must be one of {TRAINERS}, got {options['trainer']!r}")
+        if options["configuration"] != "2d":
+            raise ConfigError("segmenters.configuration",
+                              f"only '2d' is possible for 2D images, got {options['configuration']!r}")
+        for key in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch", "checkpoint_every", "num_folds"):
+            value = options[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"segmenters.{key}", f"must be a positive integer, got {value!r}")
+        steps = options["steps"]
+        if steps is not None:  # the torch segmenters' budget (bench.py sets it): whole epochs of the short trainer
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ConfigError("segmenters.steps", f"must be a positive integer, got {steps!r}")
+            if options["trainer"] != "short":
+                raise ConfigError("segmenters.steps", "a step budget needs trainer 'short' (the standard trainer "
+                                  "always runs nnU-Net's 1000 epochs x 250 iterations)")
+            options["epochs"] = -(-steps // options["iterations_per_epoch"])
+        if options["num_folds"] < 2:
+            raise ConfigError("segmenters.num_folds", f"must be at least 2, got {options['num_folds']}")
+        fold = options["fold"]
+        if fold != "all" and (isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < options["num_folds"]):
+            raise ConfigError("segmenters.fold",
+                              f"must be 'all' or an integer in [0, num_folds={options['num_folds']}), got {fold!r}")
+        norm = str(options["normalization"]).casefold()
+        if norm not in NORMALIZATIONS:
+            raise ConfigError("segmenters.normalization",
+                              f"must be one of {sorted(set(NORMALIZATIONS.values()))}, got {options['normalization']!r}")
+        options["normalization"] = NORMALIZATIONS[norm]
+        if norm == "rgb_to_0_1" and self.in_channels != 3:
+            raise ConfigError("segmenters.normalization", f"'rgb_to_0_1' needs 3 channels, not {self.in_channels}")
+        if not isinstance(options["use_mirroring"], bool):
+            raise ConfigError("segmenters.use_mirroring", f"must be true or false, got {options['use_mirroring']!r}")
+        step = options["tile_step_size"]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+            raise ConfigError("segmenters.tile_step_size", f"must be in (0, 1], got {step!r}")
+        workers = options["data_workers"]
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ConfigError("segmenters.data_workers", f"must be null or an integer >= 0, got {workers!r}")
+        if options["device"] is not None and not isinstance(options["device"], str):
+            raise ConfigError("segmenters.device", f"must be null or a torch device name, got {options['device']!r}")
+        return options
+
+    @property
+    def intensity_scale(self) -> float:
+        """Images in [0, 1] are exported as ``image * intensity_scale`` (255 for nnU-Net's RGB scheme)."""
+        return 255.0 if self.options["normalization"] == "rgb_to_0_1" else 1.0
+
+    def check_inputs(self, images: np.ndarray, masks: np.ndarray | None = None) -> None:
+        if images.ndim != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(f"{self.kind}: images of shape {images.shape} do not have {self.in_channels} channels")
+        if masks is not None:
+            if masks.shape != (images.shape[0], *images.shape[2:]):
+                raise ValueError(f"{self.kind}: masks of shape {masks.shape} do not match images {images.shape}")
+            if masks.size and (int(masks.max()) >= self.num_classes or int(masks.min()) < 0):
+                raise ValueError(f"{self.kind}: mask values outside [0, {self.num_classes}) for {self.num_classes} classes")
+
+    # export --------------------------------------------------------------------------------------------
+
+    def case_ids(self, n: int, synthetic_from: int | None) -> list[str]:
+        """Case names: ``real_00000`` … then ``synth_00000`` … from row ``synthetic_from`` on."""
+        cut = n if synthetic_from is None else int(synthetic_from)
+        return [f"real_{i:05d}" if i < cut else f"synth_{i - cut:05d}" for i in range(n)]
+
+    def dataset_json(self, num_training: int) -> dict:
+        labels = {"background": 0}
+        for value, name in enumerate(self.class_names[1:], start=1):
+            labels[name if name != "background" else f"class_{value}"] = value
+        if len(labels) != self.num_classes:
+            raise ConfigError("class_names", f"names {self.class_names} are not unique")
+        return {"channel_names": {str(c): self.options["normalization"] for c in range(self.in_channels)},
+                "labels": labels, "numTraining": int(num_training), "file_ending": FILE_ENDING,
+                "overwrite_image_reader_writer": "NaturalImage2DIO"}
+
+    def export_raw(self, images: np.ndarray, masks: np.ndarray, raw_dataset_dir, synthetic_from: int | None = None) -> list[str]:
+        """Write a nnU-Net raw dataset folder: ``imagesTr/<case>_<cccc>.tif`` (float32), ``labelsTr/<case>.tif``
+        (uint8), ``dataset.json``. Returns the case names."""
+        import tifffile
+
+        raw_dataset_dir = Path(raw_dataset_dir)
+        if raw_dataset_dir.exists():
+            shutil.rmtree(raw_dataset_dir)
+        (raw_dataset_dir / "imagesTr").mkdir(parents=True)
+        (raw_dataset_dir / "labelsTr").mkdir()
+        cases = self.case_ids(len(images), synthetic_from)
+        scale = self.intensity_scale
+        for case, image, mask in zip(cases, images, masks):
+            for c, channel in enumerate(image):
+                tifffile.imwrite(raw_dataset_dir / "imagesTr" / f"{case}_{c:04d}{FILE_ENDING}",
+                                 (np.asarray(channel, dtype=np.float32) * np.float32(scale)))
+            tifffile.imwrite(raw_dataset_dir / "labelsTr" / f"{case}{FILE_ENDING}", np.asarray(mask, dtype=np.uint8))
+        write_json(raw_dataset_dir / "dataset.json", self.dataset_json(len(cases)))
+        return cases
+
+    def splits(self, cases: Sequence[str]) -> list[dict]:
+        """``splits_final.json``: folds over the real cases; every synthetic case in every training part."""
+        from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+        real = sorted(c for c in cases if c.startswith("real_"))
+        synthetic = sorted(c for c in cases if not c.startswith("real_"))
+        n_splits = min(self.options["num_folds"], len(real))
+        if n_splits < 2:
+            if self.options["fold"] != "all":
+                raise ConfigError("segmenters.fold", f"fold {self.options['fold']} needs at least 2 real cases, "
+                                  f"got {len(real)}")
+            return [{"train": real + synthetic, "val": real}]
+        folds = generate_crossval_split(real, seed=12345, n_splits=n_splits)
+        if self.options["fold"] != "all" and self.options["fold"] >= len(folds):
+            raise ConfigError("segmenters.fold", f"fold {self.options['fold']} but only {len(folds)} folds "
+                              f"of {len(real)} real cases")
+        return [{"train": [str(k) for k in fold["train"]] + synthetic, "val": [str(k) for k in fold["val"]]}
+                for fold in folds]
+
+    # training --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def job_folders(checkpoint_dir) -> dict[str, Path]:
+        root = Path(checkpoint_dir) / "nnunet"
+        return {"raw": root / "nnUNet_raw", "preprocessed": root / "nnUNet_preprocessed",
+                "results": root / "nnUNet_results"}
+
+    def _fingerprint_of_inputs(self, images, masks, synthetic_from) -> dict:
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(masks, dtype=np.uint8).tobytes())
+        relevant = {k: self.options[k] for k in ("normalization", "num_folds", "configuration")}
+        return {"sha256": digest.hexdigest(), "shape": list(images.shape), "synthetic_from": synthetic_from,
+                "class_names": self.class_names, "options": relevant}
+
+    def prepare(self, images, masks, folders: dict[str, Path], synthetic_from: int | None) -> tuple[dict, float]:
+        """Export, fingerprint, plan and preprocess, unless a previous attempt of this job already did
+        so for the same inputs (then the results folder is kept for resuming). Returns (marker, seconds)."""
+        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        started = time.monotonic()
+        marker_path = folders["preprocessed"] / DATASET_NAME / PREPARED_FILE
+        wanted = self._fingerprint_of_inputs(images, masks, synthetic_from)
+        if marker_path.exists() and read_json(marker_path).get("inputs") == wanted:
+            return read_json(marker_path), 0.0
+        for folder in folders.values():  # stale or partial: start this job over
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        cases = self.export_raw(images, masks, folders["raw"] / DATASET_NAME, synthetic_from)
+        extractor = DatasetFingerprintExtractor(DATASET_NAME, num_processes=1, verbose=False)
+        extractor.show_progress_bar = False
+        extractor.run(overwrite_existing=True)
+        planner = ExperimentPlanner(DATASET_NAME, preprocessor_name="DefaultPreprocessor", plans_name=PLANS_NAME)
+        planner.plan_experiment()
+        plans_manager = PlansManager(str(folders["preprocessed"] / DATASET_NAME / f"{PLANS_NAME}.json"))
+        configuration = plans_manager.get_configuration(self.options["configuration"])
+        preprocessor = configuration.preprocessor_class(verbose=False)
+        preprocessor.show_progress_bar = False
+        preprocessor.run(DATASET_NAME, self.options["configuration"], PLANS_NAME, num_processes=1)
+        gt_dir = folders["preprocessed"] / DATASET_NAME / "gt_segmentations"  # as nnU-Net's preprocess() leaves it
+        gt_dir.mkdir(exist_ok=True)
+        for case in cases:
+            shutil.copyfile(folders["raw"] / DATASET_NAME / "labelsTr" / f"{case}{FILE_ENDING}", gt_dir / f"{case}{FILE_ENDING}")
+        write_json(folders["preprocessed"] / DATASET_NAME / "splits_final.json", self.splits(cases))
+        marker = {"inputs": wanted, "cases": cases, "seconds": time.monotonic() - started}
+        write_json(marker_path, marker)
+        return marker, marker["seconds"]
+
+    def train(self, images: np.ndarray, masks: np.ndarray, checkpoint_dir, seed: int,
+              log_every: int = 50, synthetic_from: int | None = None) -> dict:
+        """Train nnU-Net on the pool; rows >= ``synthetic_from`` (default: ``self.synthetic_from``) are synthetic.
+
+        A killed job resumes from nnU-Net's ``checkpoint_latest.pth`` (written every ``checkpoint_every``
+        epochs) and ends at the same epoch count.
+        """
+        self.check_inputs(images, masks)
+        if len(images) == 0:
+            raise ValueError(f"{self.kind}: no training samples")
+        if synthetic_from is None:
+            synthetic_from = self.synthetic_from
+        if synthetic_from is not None and not 0 <= int(synthetic_from) <= len(images):
+            raise ValueError(f"{self.kind}: synthetic_from={synthetic_from} outside [0, {len(images)}]")
+        synthetic_from = None if synthetic_from is None else int(synthetic_from)
+        if synthetic_from == 0 and self.options["fold"] != "all":
+            raise ConfigError("segmenters.fold", "an integer fold validates on real cases, and there are none")
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+
+        folders = self.job_folders(checkpoint_dir)
+        started = time.monotonic()
+        with nnunet_paths(folders["raw"], folders["preprocessed"], folders["results"], self.options["data_workers"]):
+            marker, prepare_seconds = self.prepare(images, masks, folders, synthetic_from)
+            preprocessed = folders["preprocessed"] / DATASET_NAME
+            plans = load_json(str(preprocessed / f"{PLANS_NAME}.json"))
+            dataset_json = load_json(str(preprocessed / "dataset.json"))
+            cls = trainer_class(self.options["trainer"])
+            fold = self.options["fold"]
+            output_folder = (folders["results"] / DATASET_NAME /
+                             f"{cls.__name__}__{PLANS_NAME}__{self.options['configuration']}" / f"fold_{fold}")
+            final, latest = output_folder / "checkpoint_final.pth", output_folder / "checkpoint_latest.pth"
+            resume_from = final if final.exists() else latest if latest.exists() else None
+            plans["continue_training"] = resume_from is not None
+            _seed_everything(seed)
+            trainer = cls(plans=plans, configuration=self.options["configuration"], fold=fold,
+                          dataset_json=dataset_json, device=self.device)
+            if self.options["trainer"] == "short":
+                trainer.set_schedule(self.options["epochs"], self.options["iterations_per_epoch"],
+                                     self.options["val_iterations_per_epoch"])
+            trainer.save_every = int(self.options["checkpoint_every"])
+            resumed_from_epoch = 0
+            if resume_from is not None:
+                trainer.load_checkpoint(str(resume_from))
+                resumed_from_epoch = int(trainer.current_epoch)
+                log.info("nnunet: resuming from %s at epoch %d", resume_from.name, resumed_from_epoch)
+            train_started = time.monotonic()
+            if resume_from != final:
+                trainer.run_training()
+            train_seconds = time.monotonic() - train_started
+            losses = trainer.logger.get_value("train_losses", step=None)
+            final_loss = float(losses[-1]) if len(losses) else float("nan")
+            epochs_done = int(trainer.current_epoch)
+            if epochs_done != trainer.num_epochs:
+                raise RuntimeError(f"nnunet: training stopped at epoch {epochs_done} of {trainer.num_epochs}")
+            self._load_model_folder(output_folder.parent, f"fold_{fold}")
+            iterations = int(trainer.num_iterations_per_epoch)
+            del trainer
+        return {"steps": epochs_done * iterations, "epochs": epochs_done, "iterations_per_epoch": iterations,
+                "resumed_from_epoch": resumed_from_epoch, "final_loss": final_loss,
+                "seconds": time.monotonic() - started, "prepare_seconds": prepare_seconds,
+                "train_seconds": train_seconds, "num_samples": int(len(images)),
+                "n_synthetic_cases": int(sum(not c.startswith("real_") for c in marker["cases"])),
+                "trainer": cls.__name__, "fold": fold}
+
+    # model folder --------------------------------------------------------------------------------------
+
+    def _load_model_folder(self, model_folder: Path, fold_dir: str) -> None:
+        """Read a nnU-Net trained model folder (plans.json, dataset.json, fold_x/checkpoint_final.pth)."""
+        model_folder = Path(model_folder)
+        for path in (model_folder / "plans.json", model_folder / "dataset.json",
+                     model_folder / fold_dir / "checkpoint_final.pth"):
+            if not path.exists():
+                raise InputDataError(path, "missing from the nnU-Net model folder")
+        checkpoint = torch.load(model_folder / fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        fingerprint_path = model_folder / "dataset_fingerprint.json"
+        self._model = {
+            "plans": read_json(model_folder / "plans.json"),
+            "dataset_json": read_json(model_folder / "dataset.json"),
+            "fingerprint": read_json(fingerprint_path) if fingerprint_path.exists() else None,
+            "fold_dir": fold_dir,
+            # only what inference needs: no optimiser state
+            "checkpoint": {k: checkpoint[k] for k in ("network_weights", "trainer_name", "init_args",
+                                                      "current_epoch", "inference_allowed_mirroring_axes")
+                           if k in checkpoint},
+        }
+        self._predictor = None
+        self._network = None
+
+    def _write_weights(self, directory: Path) -> None:
+        model = self._trained_model()
+        folder = Path(directory) / MODEL_SUBDIR
+        (folder / model["fold_dir"]).mkdir(parents=True)
+        write_json(folder / "plans.json", model["plans"])
+        write_json(folder / "dataset.json", model["dataset_json"])
+        if model["fingerprint"] is not None:
+            write_json(folder / "dataset_fingerprint.json", model["fingerprint"])
+        with atomic_path(folder / model["fold_dir"] / "checkpoint_final.pth") as tmp:
+            torch.save(model["checkpoint"], tmp)
+
+    def _read_weights(self, directory: Path) -> None:
+        folder = Path(directory) / MODEL_SUBDIR
+        folds = sorted(p.name for p in folder.glob("fold_*") if (p / "checkpoint_final.pth").exists())
+        if not folds:
+            raise InputDataError(folder, "no fold_*/checkpoint_final.pth: not a nnU-Net model folder")
+        self._load_model_folder(folder, folds[0])
+
+    def _trained_model(self) -> dict:
+        if self._model is None:
+            raise RuntimeError(f"{self.kind}: train or load the segmenter before using it")
+        return self._model
+
+    # inference -----------------------------------------------------------------------------------------
+
+    def _managers(self):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        model = self._trained_model()
+        plans_manager = PlansManager(json.loads(json.dumps(model["plans"])))
+        configuration = model["checkpoint"]["init_args"]["configuration"]
+        return plans_manager, plans_manager.get_configuration(configuration)
+
+    def network(self) -> torch.nn.Module:
+        """The trained nnU-Net network (deep supervision off) on ``self.device``, in eval mode."""
+        if self._network is None:
+            from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+            from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+            model = self._trained_model()
+            plans_manager, configuration_manager = self._managers()
+            n_in = determine_num_input_channels(plans_manager, configuration_manager, model["dataset_json"])
+            n_out = plans_manager.get_label_manager(model["dataset_json"]).num_segmentation_heads
+            network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
+                                                               enable_deep_supervision=False)
+            network.load_state_dict(model["checkpoint"]["network_weights"])
+            self._network = network.to(self.device).eval()
+        return self._network
+
+    def predictor(self):
+        """``nnUNetPredictor`` set up by hand (no trainer lookup by name)."""
+        if self._predictor is None:
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+            model = self._trained_model()
+            plans_manager, configuration_manager = self._managers()
+            with contextlib.redirect_stdout(_NullWriter()):
+                predictor = nnUNetPredictor(tile_step_size=float(self.options["tile_step_size"]), use_gaussian=True,
+                                            use_mirroring=bool(self.options["use_mirroring"]),
+                                            perform_everything_on_device=self.device.type == "cuda",
+                                            device=self.device, verbose=False, verbose_preprocessing=False,
+                                            allow_tqdm=False)
+            axes = model["checkpoint"].get("inference_allowed_mirroring_axes")
+            predictor.manual_initialization(self.network(), plans_manager, configuration_manager,
+                                            [model["checkpoint"]["network_weights"]], model["dataset_json"],
+                                            model["checkpoint"]["trainer_name"],
+                                            tuple(axes) if axes is not None else None)
+            self._predictor = predictor
+        return self._predictor
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """nnU-Net's own inference per image (crop to non-zero, normalise, sliding window with Gaussian
+        weighting, optional mirroring, softmax, revert cropping); (N,K,H,W) float32 at input resolution."""
+        self.check_inputs(images)
+        predictor = self.predictor()
+        out = np.empty((len(images), self.num_classes, *images.shape[2:]), dtype=np.float32)
+        scale = np.float32(self.intensity_scale)
+        for i, image in enumerate(images):
+            data = (np.asarray(image, dtype=np.float32) * scale)[:, None]  # (C, 1, H, W), as NaturalImage2DIO reads
+            with contextlib.redirect_stdout(_NullWriter()):
+                _, probabilities = predictor.predict_single_npy_array(data, {"spacing": [999.0, 1.0, 1.0]}, None, None,
+                                                                      True)
+            out[i] = np.asarray(probabilities, dtype=np.float32)[:, 0]
+        return out
+
+    def as_value_model(self) -> torch.nn.Module:
+        import copy
+
+        plans_manager, configuration_manager = self._managers()
+        network = copy.deepcopy(self.network()).eval()
+        network.requires_grad_(False)
+        properties = plans_manager.foreground_intensity_properties_per_channel
+        value_model = NnUNetValueModel(
+            network,
+            schemes=list(configuration_manager.normalization_schemes),
+            use_mask_for_norm=[bool(v) for v in configuration_manager.use_mask_for_norm],
+            intensity_properties=[properties[str(c)] for c in range(self.in_channels)],
+            intensity_scale=self.intensity_scale,
+            transpose_forward=list(plans_manager.transpose_forward),
+            patch_size=list(configuration_manager.patch_size),
+            divisor=_size_divisor(configuration_manager),
+            num_classes=self.num_classes,
+        ).eval()
+        value_model.requires_grad_(False)
+        return value_model
+
+
+# --- value model -----------------------------------------------------------------------------------
+
+SUPPORTED_SCHEMES = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
+                     "RGBTo01Normalization")
+
+
+class NnUNetValueModel(torch.nn.Module):
+    """Generator-range images in [-1, 1] → nnU-Net's preprocessing → network → softmax, differentiably.
+
+    Reproduces ``nnUNetPredictor`` for 2D images at the planned spacing (1, 1): (x + 1) / 2 is scaled to
+    the exported intensities; each image is cropped to the bounding box of its filled non-zero mask
+    (nnU-Net's ``crop_to_nonzero``); each channel is normalised with the scheme of the plans
+    (z-score per image — inside the non-zero mask when the plans say ``use_mask_for_norm``, leaving the
+    outside at 0 —, CT clip + dataset mean/std from the fingerprint, none, per-image min–max, /255);
+    in-plane axes are transposed as ``transpose_forward`` says; the crop is zero-padded, centred, to
+    at least the patch size (as the sliding window pads) and, beyond that, to a multiple of the
+    network's down-sampling ``divisor``; the softmax of the logits is cropped back and put into the
+    image, with background probability 1 outside the box (nnU-Net's ``revert_cropping_on_probabilities``).
+
+    Differences from ``predict_proba``: no mirroring (turn ``use_mirroring`` off to compare), and an
+    image larger than the patch goes through the network in one piece instead of Gaussian-weighted
+    tiles (equal when the image fits the patch, as for the planned 2D configurations of 64²–256² sets).
+    The box and mask are piecewise constant in the input, so gradients flow through everything else.
+    """
+
+    def __init__(self, network: torch.nn.Module, schemes: list[str], use_mask_for_norm: list[bool],
+                 intensity_properties: list[dict], intensity_scale: float, transpose_forward: list[int],
+                 patch_size: list[int], divisor: list[int], num_classes: int):
+        super().__init__()
+        unknown = [s for s in schemes if s not in SUPPORTED_SCHEMES]
+        if unknown:
+            raise ConfigError("segmenters.normalization", f"the value model cannot reproduce nnU-Net schemes {unknown}")
+        if len(transpose_forward) != 3 or transpose_forward[0] != 0:
+            raise ConfigError("segmenters.configuration", f"unexpected 2D transpose_forward {transpose_forward}")
+        self.network = network
+        self.schemes = schemes
+        self.use_mask_for_norm = use_mask_for_norm
+        self.intensity_properties = intensity_properties
+        self.intensity_scale = float(intensity_scale)
+        self.in_plane = [transpose_forward[1] - 1, transpose_forward[2] - 1]  # (0, 1) or (1, 0)
+        self.patch_size = [int(p) for p in patch_size]
+        self.divisor = [int(d) for d in divisor]
+        self.num_classes = int(num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        raw = (images + 1.0) / 2.0 * self.intensity_scale
+        masks, boxes = _nonzero_masks_and_boxes(raw.detach())
+        background = torch.zeros((self.num_classes, *raw.shape[2:]), dtype=raw.dtype, device=raw.device)
+        background[0] = 1.0
+        groups: dict[tuple, list[int]] = {}
+        for i, box in enumerate(boxes):  # images with the same box go through the network together
+            groups.setdefault(box, []).append(i)
+        rows: list[torch.Tensor | None] = [None] * raw.shape[0]
+        for (y0, y1, x0, x1), index in groups.items():
+            crop = raw[index, :, y0:y1, x0:x1]
+            mask = masks[index, None, y0:y1, x0:x1]
+            probabilities = self._predict_crop(self._normalise(crop, mask))
+            for j, i in enumerate(index):
+                row = background.clone()
+                row[:, y0:y1, x0:x1] = probabilities[j]
+                rows[i] = row
+        return torch.stack(rows)
+
+    def _normalise(self, crop: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's normalisation per channel; ``mask`` (n,1,h,w) is the filled non-zero mask."""
+        channels = []
+        for c, scheme in enumerate(self.schemes):
+            x = crop[:, c:c + 1]
+            if scheme == "ZScoreNormalization":
+                if self.use_mask_for_norm[c]:
+                    weight = mask.to(x.dtype)
+                    count = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+                    mean = (x * weight).sum(dim=(2, 3), keepdim=True) / count
+                    std = (((x - mean) * weight) ** 2).sum(dim=(2, 3), keepdim=True).div(count).sqrt()
+                    x = torch.where(mask, (x - mean) / std.clamp_min(1e-8), x)
+                else:
+                    mean = x.mean(dim=(2, 3), keepdim=True)
+                    std = x.std(dim=(2, 3), keepdim=True, unbiased=False)
+                    x = (x - mean) / std.clamp_min(1e-8)
+            elif scheme == "CTNormalization":
+                props = self.intensity_properties[c]
+                x = x.clamp(props["percentile_00_5"], props["percentile_99_5"])
+                x = (x - props["mean"]) / max(props["std"], 1e-8)
+            elif scheme == "RescaleTo01Normalization":
+                x = x - x.amin(dim=(2, 3), keepdim=True)
+                x = x / x.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+            elif scheme == "RGBTo01Normalization":
+                x = x / 255.0
+            channels.append(x)  # NoNormalization: unchanged
+        return torch.cat(channels, dim=1)
+
+    def _predict_crop(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_plane != [0, 1]:
+            x = x.transpose(2, 3)
+        height, width = x.shape[2:]
+        target = []
+        for size, patch, div in zip((height, width), self.patch_size, self.divisor):
+            size_needed = max(size, patch)
+            target.append(-(-size_needed // div) * div if size_needed > patch else size_needed)
+        dy, dx = target[0] - height, target[1] - width
+        padding = (dx // 2, dx - dx // 2, dy // 2, dy - dy // 2)
+        logits = self.network(torch.nn.functional.pad(x, padding, mode="constant", value=0.0))
+        logits = logits[:, :, dy // 2:dy // 2 + height, dx // 2:dx // 2 + width]
+        probabilities = torch.softmax(logits, dim=1)
+        if self.in_plane != [0, 1]:
+            probabilities = probabilities.transpose(2, 3)
+        return probabilities
+
+
+def _nonzero_masks_and_boxes(raw: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """nnU-Net's ``create_nonzero_mask`` (any channel != 0, holes filled) and its half-open bounding box;
+    an all-zero image keeps the full box, as nnU-Net's ``get_bbox_from_mask`` does."""
+    from scipy.ndimage import binary_fill_holes
+
+    nonzero = (raw != 0).any(dim=1).cpu().numpy()
+    masks, boxes = [], []
+    for image_mask in nonzero:
+        filled = binary_fill_holes(image_mask)
+        rows, cols = np.flatnonzero(filled.any(axis=1)), np.flatnonzero(filled.any(axis=0))
+        if len(rows) == 0:
+            boxes.append((0, filled.shape[0], 0, filled.shape[1]))
+        else:
+            boxes.append((int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+        masks.append(filled)
+    return torch.from_numpy(np.stack(masks)).to(raw.device), boxes
+
+
+def _size_divisor(configuration_manager) -> list[int]:
+    """Total down-sampling of the planned network per in-plane axis (product of its strides)."""
+    kwargs = configuration_manager.network_arch_init_kwargs
+    strides = kwargs.get("strides")
+    if strides is None:
+        return [1, 1]
+    divisor = [1, 1]
+    for stride in strides:
+        stride = [stride, stride] if isinstance(stride, int) else list(stride)
+        divisor = [d * int(s) for d, s in zip(divisor, stride[-2:])]
+    return divisor
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _NullWriter:
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
