@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: demo test install report lint dryrun paper-dryrun clean
+.PHONY: demo test test-slurm install report lint dryrun paper-dryrun clean
 
 install: $(STAMP)
 
@@ -38,6 +38,13 @@ results/report.html: results/tables/main.tsv results/tables/adherence.md results
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Opt-in tier on a real one-node SLURM cluster (root, apt-get): installs and starts it if needed (idempotent),
+# then runs the workflow through the SLURM executor, including a scancel'led job that resumes. Stop the cluster
+# with: bash tests/slurm_cluster.sh stop
+test-slurm: $(STAMP)
+	bash tests/slurm_cluster.sh start
+	$(PY) -m pytest -m slurm tests/test_slurm.py
 
 lint: $(STAMP)
 	$(SNAKEMAKE) --lint
