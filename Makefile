@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: demo test test-slurm install report lint dryrun paper-dryrun clean
+.PHONY: demo test test-slow test-envs test-slurm ci install envs slurm-profile report lint dryrun paper-dryrun clean
 
 install: $(STAMP)
 
@@ -36,15 +36,45 @@ report: results/report.html
 results/report.html: results/tables/main.tsv results/tables/adherence.md results/figures/dice.png
 	$(SNAKEMAKE) --profile profiles/local --report $@
 
+# The test suite (<= 10 min on 2 cores). The slower tiers below are marked and run by CI (.ci/run).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow and not envs and not slurm"
+
+# The whole DAG end to end with reruns, kill -9 faults, nnU-Net training (slow marker).
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not slurm"
+
+# Each per-rule env's pip set in a fresh venv under the same constraints, then everything its rules import.
+test-envs: $(STAMP)
+	$(PY) -m pytest -m envs tests/test_envs.py
+
+# What CI runs: every tier.
+ci: test test-slow test-envs test-slurm
 
 # Opt-in tier on a real one-node SLURM cluster (root, apt-get): installs and starts it if needed (idempotent),
-# then runs the workflow through the SLURM executor, including a scancel'led job that resumes. Stop the cluster
-# with: bash tests/slurm_cluster.sh stop
+# then runs the workflow with `snakemake --profile slurm` (the profile installed by `make slurm-profile` into a
+# temporary config folder), including a scancel'led job that resumes. Stop the cluster with:
+# bash tests/slurm_cluster.sh stop
 test-slurm: $(STAMP)
 	bash tests/slurm_cluster.sh start
 	$(PY) -m pytest -m slurm tests/test_slurm.py
+
+# Install the SLURM profile as `slurm` in your Snakemake config folder (~/.config/snakemake/slurm), so that
+# `snakemake --profile slurm` finds it. Your two settings; empty ones are left to the plugin's auto-detection:
+#   make slurm-profile ACCOUNT=<account|none> GPU_PARTITION=<partition> CPU_PARTITION=<partition>
+# SDM=none runs the jobs in the environment snakemake runs in instead of the per-rule conda envs.
+ACCOUNT ?=
+GPU_PARTITION ?=
+CPU_PARTITION ?=
+GPUS_PER_NODE ?= 8
+SDM ?= conda
+slurm-profile: $(STAMP)
+	$(PY) -m segsynth.slurm_profile --account "$(ACCOUNT)" --gpu-partition "$(GPU_PARTITION)" \
+		--cpu-partition "$(CPU_PARTITION)" --gpus-per-node $(GPUS_PER_NODE) --software-deployment $(SDM)
+
+# Regenerate envs/*.yaml from constraints.txt and the rules' imports (tests/test_envs.py checks they agree).
+envs: $(STAMP)
+	$(PY) -m segsynth.envs
 
 lint: $(STAMP)
 	$(SNAKEMAKE) --lint

@@ -1,9 +1,20 @@
 # Shared names, wildcard constraints and input functions. No logic beyond choosing files.
 
 import re
+import sys
+from pathlib import Path
 
-from segsynth.analyses import budget_name, subset_name
-from segsynth.config import budget_methods, canonical, check_references, method_params
+# segsynth is imported from this workflow's folder: here, and in every job, whatever environment runs it (the
+# per-rule conda envs do not install the project; Snakemake's script preamble appends the launcher's sys.path).
+if workflow.basedir not in sys.path:
+    sys.path.insert(0, workflow.basedir)
+
+from segsynth.config import (budget_methods, budget_name, canonical, check_references, dataset_sources,
+                             method_params, science, subset_name, weight_sources)
+from segsynth.provenance import code_version
+
+# Parsing stays torch-free (segsynth.config and segsynth.provenance import no torch): every dry run, and every
+# cluster job's own start-up, pays for what is imported here.
 
 check_references(config)
 # The budget sweep's entries are ordinary methods (``rd_x2`` = rd at 2 × |train|).
@@ -27,8 +38,21 @@ wildcard_constraints:
     seed=r"\d+",
 
 
+def code(script):
+    """The code version of a rule: a hash of its script and every segsynth module the script can import, so
+    editing library code reruns the rules that run it (segsynth.provenance). A rule param."""
+    return code_version(Path(workflow.basedir) / "scripts" / f"{script}.py")
+
+
+def torch_env():
+    """The conda env of the PyTorch rules (with --sdm conda): config `torch_build`, cuda by default (it runs on
+    GPU nodes and CPUs alike); `cpu` spares a CPU-only machine the CUDA download."""
+    return f"../envs/torch-{config['torch_build']}.yaml"
+
+
 def synthesis_params(wildcards):
-    return method_params(config, wildcards.dataset, wildcards.method)
+    """What decides a synthetic set: the method's settings without runtime ones (the batch size)."""
+    return science("synthesis", method_params(config, wildcards.dataset, wildcards.method))
 
 
 def needs_miner(method):
@@ -173,3 +197,30 @@ def segmenter_runs():
         for d in RUN["datasets"]
         for s in RUN["segmenters"]
     ]
+
+
+def benchmark_files():
+    """The benchmark file of every benchmarked job this run's tables depend on (the cost table's input)."""
+    datasets = RUN["datasets"]
+    files = {f"benchmarks/{d}/splits.tsv" for d in datasets}
+    files |= {f"benchmarks/{d}/generators/{g}.tsv" for d in datasets for g in RUN["generators"]}
+    segmenters = set(RUN["segmenters"]) | {RUN["value_segmenter"]}
+    files |= {f"benchmarks/{d}/segmenters/{s}/real.tsv" for d in datasets for s in segmenters}
+    files |= {f"benchmarks/{d}/eval/{s}/real.tsv" for d in datasets for s in RUN["segmenters"]}
+    synthesized = set()  # (dataset, generator, method, seed directory)
+    for run in adherence_runs():
+        d, _, g, m, seed = Path(run["path"]).with_suffix("").parts[1:]
+        files.add(f"benchmarks/{d}/adherence/{g}/{m}/{seed}.tsv")
+        synthesized.add((d, g, m, seed))
+    for run in main_runs() + budget_runs() + subset_runs():
+        if run["method"] == "baseline":
+            continue
+        d, _, s, g, m, seed = Path(run["path"]).with_suffix("").parts[1:]
+        files.add(f"benchmarks/{d}/segmenters/{s}/{g}/{m}/{seed}.tsv")
+        files.add(f"benchmarks/{d}/eval/{s}/{g}/{m}/{seed}.tsv")
+        if m in config["methods"]:  # a synthesized set; adversariality subsets are cut from one, unbenchmarked
+            synthesized.add((d, g, m, seed))
+    files |= {f"benchmarks/{d}/synthetic/{g}/{m}/{seed}.tsv" for d, g, m, seed in synthesized}
+    files |= {f"benchmarks/{d}/miners/{g}/{RUN['value_segmenter']}.tsv"
+              for d, g, m, _ in synthesized if needs_miner(m)}
+    return sorted(files)

@@ -5,16 +5,15 @@ rule evaluate_real:
         data="results/{dataset}/data",
     output:
         "results/{dataset}/eval/{segmenter}/real.parquet",
+    params:
+        code=code("evaluate"),
     log:
         "logs/{dataset}/eval/{segmenter}/real.log",
     benchmark:
         "benchmarks/{dataset}/eval/{segmenter}/real.tsv"
     conda:
-        "../envs/torch.yaml"
+        torch_env()
     threads: 1
-    resources:
-        runtime=30,
-        mem_mb=4000,
     script:
         "../scripts/evaluate.py"
 
@@ -26,16 +25,15 @@ rule evaluate_augmented:
         data="results/{dataset}/data",
     output:
         "results/{dataset}/eval/{segmenter}/{generator}/{method}/seed{seed}.parquet",
+    params:
+        code=code("evaluate"),
     log:
         "logs/{dataset}/eval/{segmenter}/{generator}/{method}/seed{seed}.log",
     benchmark:
         "benchmarks/{dataset}/eval/{segmenter}/{generator}/{method}/seed{seed}.tsv"
     conda:
-        "../envs/torch.yaml"
+        torch_env()
     threads: 1
-    resources:
-        runtime=30,
-        mem_mb=4000,
     script:
         "../scripts/evaluate.py"
 
@@ -47,13 +45,12 @@ rule profile_segmenter:
         data="results/{dataset}/data",
     output:
         "results/{dataset}/eval/{segmenter}/profile.json",
+    params:
+        code=code("profile_segmenter"),
     log:
         "logs/{dataset}/eval/{segmenter}/profile.log",
     conda:
-        "../envs/torch.yaml"
+        torch_env()
     threads: 1
-    resources:
-        runtime=15,
-        mem_mb=4000,
     script:
         "../scripts/profile_segmenter.py"

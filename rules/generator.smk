@@ -2,22 +2,24 @@ rule train_generator:
     """Fine-tune the mask-to-image ControlNet generator (tiny random-init, or from_pretrained SD)."""
     input:
         data="results/{dataset}/data",
+        weights=lambda wc: weight_sources(config["generators"][wc.generator]),
     output:
         directory("results/{dataset}/generators/{generator}"),
+    # Params are what decides the result (Snakemake's rerun triggers): the job reads the whole entry, runtime
+    # settings such as checkpoint_every included, from the config.
     params:
-        generator=lambda wc: canonical(config["generators"][wc.generator]),
+        generator=lambda wc: science("generator", config["generators"][wc.generator]),
         seed=config["seeds"]["generator"],
         prompt_template=lambda wc: config["datasets"][wc.dataset].get("prompt_template", "{classes}"),
+        code=code("train_generator"),
     log:
         "logs/{dataset}/generators/{generator}.log",
     benchmark:
         "benchmarks/{dataset}/generators/{generator}.tsv"
     conda:
-        "../envs/torch.yaml"
+        torch_env()
     threads: 2
     resources:
         gpu=1,
-        runtime=720,
-        mem_mb=16000,
     script:
         "../scripts/train_generator.py"

@@ -9,20 +9,19 @@ rule train_miner:
     output:
         directory("results/{dataset}/miners/{generator}/{segmenter}"),
     params:
-        miner=canonical(config["miner"]),
+        miner=science("miner", config["miner"]),  # the job reads checkpoint_every from the config
         seed=config["seeds"]["miner"],
+        code=code("train_miner"),
     log:
         "logs/{dataset}/miners/{generator}/{segmenter}.log",
     benchmark:
         "benchmarks/{dataset}/miners/{generator}/{segmenter}.tsv"
     conda:
-        "../envs/torch.yaml"
+        torch_env()
     threads: 2
     # The Miner is on the critical path of every miner synthesis job: start it as soon as its inputs exist.
     priority: 10
     resources:
         gpu=1,
-        runtime=720,
-        mem_mb=16000,
     script:
         "../scripts/train_miner.py"

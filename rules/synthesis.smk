@@ -5,7 +5,8 @@ rule synthesize:
     output:
         directory("results/{dataset}/synthetic/{generator}/{method}/seed{seed}"),
     params:
-        method=synthesis_params,
+        method=synthesis_params,  # the job reads the batch size from the config
+        code=code("synthesize"),
     wildcard_constraints:
         method=SYNTHESIZED,
     log:
@@ -13,12 +14,10 @@ rule synthesize:
     benchmark:
         "benchmarks/{dataset}/synthetic/{generator}/{method}/seed{seed}.tsv"
     conda:
-        "../envs/torch.yaml"
+        torch_env()
     threads: 1
     resources:
         gpu=1,
-        runtime=720,
-        mem_mb=8000,
     script:
         "../scripts/synthesize.py"
 
@@ -30,16 +29,15 @@ rule mask_adherence:
         model=lambda wc: f"results/{wc.dataset}/segmenters/{RUN['value_segmenter']}/real",
     output:
         "results/{dataset}/adherence/{generator}/{method}/seed{seed}.parquet",
+    params:
+        code=code("mask_adherence"),
     log:
         "logs/{dataset}/adherence/{generator}/{method}/seed{seed}.log",
     benchmark:
         "benchmarks/{dataset}/adherence/{generator}/{method}/seed{seed}.tsv"
     conda:
-        "../envs/torch.yaml"
+        torch_env()
     threads: 1
-    resources:
-        runtime=30,
-        mem_mb=4000,
     script:
         "../scripts/mask_adherence.py"
 
@@ -55,13 +53,11 @@ rule adversarial_subset:
         tau=r"\d+(p\d+)?",
     params:
         threshold=lambda wc: float(wc.tau.replace("p", ".")),
+        code=code("adversarial_subset"),
     log:
         "logs/{dataset}/synthetic/{generator}/{method}_ls{tau}/seed{seed}.log",
     conda:
-        "../envs/torch.yaml"
+        "../envs/tables.yaml"
     threads: 1
-    resources:
-        runtime=10,
-        mem_mb=2000,
     script:
         "../scripts/adversarial_subset.py"

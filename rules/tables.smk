@@ -25,6 +25,7 @@ rule main_table:
             labels={"table": "main"},
         ),
     params:
+        code=code("main_table"),
         runs=main_runs(),
     log:
         "logs/tables/main.log",
@@ -47,6 +48,7 @@ rule adherence_table:
             labels={"table": "mask adherence"},
         ),
     params:
+        code=code("adherence_table"),
         runs=adherence_runs(),
     log:
         "logs/tables/adherence.log",
@@ -67,6 +69,8 @@ rule dice_figure:
             category="Figures",
             labels={"figure": "Dice per method"},
         ),
+    params:
+        code=code("dice_figure"),
     log:
         "logs/figures/dice.log",
     conda:
@@ -93,6 +97,7 @@ rule sample_figure:
             labels={"figure": "samples", "dataset": "{dataset}", "generator": "{generator}"},
         ),
     params:
+        code=code("sample_figure"),
         methods=RUN["methods"],
     log:
         "logs/figures/samples_{dataset}_{generator}.log",
@@ -105,9 +110,8 @@ rule sample_figure:
 rule cost_table:
     """What the run cost: per stage, wall seconds and peak memory from the jobs' benchmark files."""
     input:
-        # Runs last: after every evaluated model and every synthetic set.
-        "results/tables/main.parquet",
-        "results/tables/adherence.parquet",
+        # The benchmark file of every benchmarked job of this run, and only those.
+        benchmark_files(),
     output:
         parquet="results/tables/cost.parquet",
         markdown=report(
@@ -117,7 +121,7 @@ rule cost_table:
             labels={"table": "cost"},
         ),
     params:
-        benchmarks="benchmarks",
+        code=code("cost_table"),
     log:
         "logs/tables/cost.log",
     conda:
@@ -144,6 +148,7 @@ rule value_figure:
             labels={"figure": "value distribution", "dataset": "{dataset}", "generator": "{generator}"},
         ),
     params:
+        code=code("value_figure"),
         sets=[(m, s) for m in RUN["methods"] for s in SEEDS],
     log:
         "logs/figures/values_{dataset}_{generator}.log",
@@ -166,12 +171,13 @@ rule budget_table:
             labels={"table": "synthesis budget"},
         ),
     params:
+        code=code("budget_table"),
         runs=budget_runs(),
         baseline=baseline_runs(),
     log:
         "logs/tables/budget.log",
     conda:
-        "../envs/torch.yaml"
+        "../envs/tables.yaml"
     script:
         "../scripts/budget_table.py"
 
@@ -187,6 +193,8 @@ rule budget_figure:
             category="Figures",
             labels={"figure": "synthesis budget"},
         ),
+    params:
+        code=code("budget_figure"),
     log:
         "logs/figures/budget.log",
     conda:
@@ -209,12 +217,13 @@ rule subset_table:
             labels={"table": "adversariality subsets"},
         ),
     params:
+        code=code("subset_table"),
         runs=subset_runs(),
         baseline=baseline_runs(),
     log:
         "logs/tables/subsets.log",
     conda:
-        "../envs/torch.yaml"
+        "../envs/tables.yaml"
     script:
         "../scripts/subset_table.py"
 
@@ -232,6 +241,7 @@ rule segmenter_table:
             labels={"table": "segmenters"},
         ),
     params:
+        code=code("segmenter_table"),
         runs=segmenter_runs(),
     log:
         "logs/tables/segmenters.log",

@@ -4,7 +4,7 @@ from segsynth.workflow import run_logged
 run_logged(
     snakemake,
     write_cost_tables,
-    benchmark_dir=snakemake.params.benchmarks,
+    benchmark_files=list(snakemake.input),
     parquet_path=snakemake.output.parquet,
     markdown_path=snakemake.output.markdown,
 )

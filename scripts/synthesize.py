@@ -1,3 +1,4 @@
+from segsynth.config import method_params
 from segsynth.sampling.synthesize import synthesize
 from segsynth.workflow import run_logged
 
@@ -7,7 +8,8 @@ run_logged(
     generator_dir=snakemake.input.generator,
     data_dir=snakemake.input.data,
     method=snakemake.wildcards.method,
-    params=snakemake.params.method,
+    # params.method without runtime keys (the batch size)
+    params=method_params(snakemake.config, snakemake.wildcards.dataset, snakemake.wildcards.method),
     seed=int(snakemake.wildcards.seed),
     out_dir=snakemake.output[0],
     value_model_dir=snakemake.input.value_model,

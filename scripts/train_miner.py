@@ -4,7 +4,7 @@ from segsynth.workflow import run_logged
 run_logged(
     snakemake,
     train_miner,
-    cfg=snakemake.params.miner,
+    cfg=snakemake.config["miner"],  # params.miner without runtime keys
     data_dir=snakemake.input.data,
     generator_dir=snakemake.input.generator,
     value_model_dir=snakemake.input.value_model,

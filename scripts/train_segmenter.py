@@ -4,7 +4,7 @@ from segsynth.workflow import run_logged
 run_logged(
     snakemake,
     train_segmenter,
-    cfg=snakemake.params.segmenter,
+    cfg=snakemake.config["segmenters"][snakemake.wildcards.segmenter],  # params.segmenter without runtime keys
     data_dir=snakemake.input.data,
     out_dir=snakemake.output[0],
     seed=snakemake.params.seed,

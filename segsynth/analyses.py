@@ -13,26 +13,13 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .config import budget_name, subset_name  # noqa: F401  (names of the derived methods)
 from .errors import InputDataError
 from .io import atomic_dir, save_array, write_json, write_parquet, write_text
-from .segmenters import load_synthetic_set
+from .synthetic_set import load_synthetic_set
 from .tables import main_table, mean_std
 
 SUBSET_META = "meta.json"
-
-
-def budget_name(method: str, budget: float) -> str:
-    """The derived method of a budget-sweep entry: ``rd`` at 2 → ``rd_x2``; 1.5 → ``rd_x1p5``."""
-    return f"{method}_x{_number(budget)}"
-
-
-def subset_name(method: str, threshold: float) -> str:
-    """The derived method of an adversariality subset: ``rd`` above 0.3 → ``rd_ls0p3``."""
-    return f"{method}_ls{_number(threshold)}"
-
-
-def _number(value: float) -> str:
-    return f"{float(value):g}".replace(".", "p")
 
 
 def adversarial_subset(synthetic_dir, threshold: float, out_dir) -> dict:

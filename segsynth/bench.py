@@ -1,5 +1,8 @@
 """Benchmarks of segsynth's samplers: seconds per image and mean value score, guided vs. random DDIM.
 
+``python -m segsynth.bench dryrun`` times ``snakemake -n`` of the default and of the paper preset (what every
+start of the workflow, and every cluster job's own start-up, pays before any work).
+
 ``python -m segsynth.bench sampling`` times every sampler of :data:`SAMPLERS_TO_TIME` (RD = DDIM, VGD, the
 Adversariality Miner) on the same batch of training masks with the same noise seeds and step count,
 interleaved over ``--repeats`` rounds (the order rotates each round; the median round counts), and prints
@@ -289,9 +292,39 @@ def levers(args, base, generator, value_model, masks, seeds, batch_size, setup) 
             **kept, **setup}), flush=True)
 
 
+def dryrun(args) -> int:
+    """Wall time of ``snakemake -n`` (parse + DAG, no job runs) for the embedded default and for the paper
+    preset on placeholder datasets: every repeat a fresh process, as a user's or a cluster job's start-up."""
+    import subprocess
+
+    from .data.placeholders import write_placeholder_datasets
+
+    repo = Path(__file__).resolve().parents[1]
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = Path(tmp) / "paths.yaml"
+        paths.write_text(yaml.safe_dump(write_placeholder_datasets(Path(tmp) / "data")))
+        cases = {"default": [], "paper": ["--configfile", "config.yaml", "presets/paper.yaml", str(paths)]}
+        for name, extra in cases.items():
+            seconds = []
+            for _ in range(args.repeats):
+                began = time.perf_counter()
+                result = subprocess.run([snakemake, "-n", "--nolock", "-q", *extra], cwd=repo, capture_output=True,
+                                        text=True)
+                seconds.append(time.perf_counter() - began)
+                if result.returncode != 0:
+                    print(result.stdout[-2000:] + result.stderr[-2000:], file=sys.stderr)
+                    return 1
+            print(json.dumps({"dryrun": name, "median_s": round(statistics.median(seconds), 2),
+                              "min_s": round(min(seconds), 2), "repeats": args.repeats}), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segsynth.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dryrun", help="time `snakemake -n` of the default and of the paper preset")
+    d.add_argument("--repeats", type=int, default=5)
     p = sub.add_parser("sampling", help="time RD, VGD and the Miner (s/image, ratios, value, ℓ_seg) on one batch "
                        "of training masks")
     p.add_argument("--config", default="config.yaml", help="config whose synthesis/method settings apply")
@@ -324,6 +357,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "sampling":
         return sampling(args)
+    if args.command == "dryrun":
+        return dryrun(args)
     return 1
 
 

@@ -37,8 +37,6 @@ def check_references(config: dict) -> None:
 def budget_methods(config: dict) -> dict[str, dict]:
     """The method entries the budget sweep adds: ``<method>_x<b>`` = the method with budget b (b ≠ 1; b = 1 is
     the method itself). A derived name that is already a configured method is a ConfigError."""
-    from .analyses import budget_name
-
     sweep = (config.get("analyses") or {}).get("budget")
     derived = {}
     for method in (sweep or {}).get("methods", []):
@@ -51,6 +49,20 @@ def budget_methods(config: dict) -> dict[str, dict]:
                                   f"{method!r} at {budget:g}× (analyses.budget); rename the method")
             derived[name] = {**config["methods"][method], "budget": float(budget)}
     return derived
+
+
+def budget_name(method: str, budget: float) -> str:
+    """The derived method of a budget-sweep entry: ``rd`` at 2 → ``rd_x2``; 1.5 → ``rd_x1p5``."""
+    return f"{method}_x{_number(budget)}"
+
+
+def subset_name(method: str, threshold: float) -> str:
+    """The derived method of an adversariality subset: ``rd`` above 0.3 → ``rd_ls0p3``."""
+    return f"{method}_ls{_number(threshold)}"
+
+
+def _number(value: float) -> str:
+    return f"{float(value):g}".replace(".", "p")
 
 
 def canonical(value):
@@ -85,3 +97,65 @@ def validate_config(config: dict) -> None:
         key = ".".join(str(p) for p in err.absolute_path) or "<root>"
         raise ConfigError(key, err.message) from None
     check_references(config)
+
+
+# Settings that change how a job runs, never what it computes. They are left out of the rule params that
+# Snakemake compares between runs, so changing one reruns nothing; the jobs read them from the config.
+# (Synthesis noise is drawn per sample from its own seed, so the batch size changes no sample; trainers
+# resume bit-identically from any checkpoint interval; nnU-Net's data_workers only parallelise loading.)
+RUNTIME_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "generator": (("training", "checkpoint_every"),),
+    "miner": (("checkpoint_every",),),
+    "segmenter": (("checkpoint_every",), ("data_workers",)),
+    "synthesis": (("batch_size",),),
+}
+
+
+def science(kind: str, entry: dict) -> dict:
+    """``entry`` (a config entry of ``kind``, see ``RUNTIME_KEYS``) without its runtime settings, key-sorted:
+    the part of a job's settings that decides its result, and so the part that reruns it when edited."""
+    entry = canonical(entry)
+    for path in RUNTIME_KEYS[kind]:
+        *parents, key = path
+        node = entry
+        for parent in parents:
+            node = node.get(parent) or {}
+        node.pop(key, None)
+    return entry
+
+
+def input_files(paths) -> list[str]:
+    """Every file under the given files or folders (recursively, sorted), for a rule's ``input:``.
+
+    Raw dataset files and pretrained weights are read by path from the config; listing them as inputs makes
+    Snakemake rerun the job when one is replaced in place. A path that does not exist lists nothing: the
+    job's own reader then fails with an error naming it."""
+    files = []
+    for path in paths:
+        path = Path(path).expanduser()
+        if path.is_file():
+            files.append(str(path))
+        elif path.is_dir():
+            files.extend(str(f) for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith("."))
+    return files
+
+
+def dataset_sources(entry: dict) -> list[str]:
+    """The files a dataset entry's adapter reads (see ``input_files``)."""
+    if entry["kind"] == "mni152":
+        # the MNI152 template files inside the installed nilearn (located without importing it)
+        import importlib.util
+
+        spec = importlib.util.find_spec("nilearn")
+        if spec is None or not spec.submodule_search_locations:
+            return []
+        data = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+        return [str(f) for f in sorted(data.glob("mni_icbm152_*"))]
+    if entry["kind"] == "folder":
+        return input_files([entry["images"], entry["masks"], *(entry.get("split_files") or {}).values()])
+    return input_files([entry["root"]])
+
+
+def weight_sources(entry: dict) -> list[str]:
+    """The pretrained weight files a generator or segmenter entry loads (see ``input_files``)."""
+    return input_files(p for p in (entry.get("pretrained"), entry.get("pretrained_swin")) if p)

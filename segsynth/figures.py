@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from .errors import InputDataError
 from .io import atomic_path
-from .segmenters import SyntheticSet, load_synthetic_set
+from .synthetic_set import SyntheticSet, load_synthetic_set
 from .tables import method_label, method_order
 
 PANEL_INCHES = 1.6

@@ -174,15 +174,16 @@ def write_segmenter_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> p
     return table
 
 
-def cost_table(benchmark_dir) -> pd.DataFrame:
-    """Per rule: job count, summed and longest wall seconds, and the largest peak RSS (MiB) over its jobs,
-    read from the Snakemake ``benchmark:`` files (s, max_rss columns) under ``benchmark_dir``."""
+def cost_table(benchmark_files) -> pd.DataFrame:
+    """Per stage: job count, summed and longest wall seconds, and the largest peak RSS (MiB) over its jobs,
+    read from the Snakemake ``benchmark:`` files (s, max_rss columns) of this run's jobs — exactly the given
+    files (``<benchmark dir>/{dataset}/{stage}/...``), never others left there by earlier configs."""
     from pathlib import Path
 
     rows = []
-    for path in sorted(Path(benchmark_dir).rglob("*.tsv")):
+    for path in sorted(Path(f) for f in benchmark_files):
         bench = pd.read_csv(path, sep="\t")
-        rows.append({"stage": _stage_of(path.relative_to(benchmark_dir)), "seconds": float(bench["s"].iloc[-1]),
+        rows.append({"stage": _stage_of(Path(*path.parts[1:])), "seconds": float(bench["s"].iloc[-1]),
                      "max_rss_mib": float(pd.to_numeric(bench["max_rss"], errors="coerce").iloc[-1])})
     frame = pd.DataFrame(rows, columns=["stage", "seconds", "max_rss_mib"])
     return (frame.groupby("stage", sort=False)
@@ -208,8 +209,8 @@ def cost_markdown(costs: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_cost_tables(benchmark_dir, parquet_path, markdown_path) -> pd.DataFrame:
-    costs = cost_table(benchmark_dir)
+def write_cost_tables(benchmark_files, parquet_path, markdown_path) -> pd.DataFrame:
+    costs = cost_table(benchmark_files)
     write_parquet(parquet_path, costs)
     write_text(markdown_path, cost_markdown(costs))
     return costs

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .io import atomic_path
+from .workflow import set_torch_threads  # noqa: F401  (re-exported for the trainers)
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ def step_torch_generator(seed: int, step: int, stream: int = 0) -> torch.Generat
 def default_device() -> torch.device:
     """The GPU when there is one (a cluster job with gpu=1), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def set_torch_threads(threads: int) -> None:
-    """Use exactly ``threads`` CPU threads; the workflow gives each job its own share of the cores."""
-    threads = max(1, int(threads))
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 class Checkpointer:

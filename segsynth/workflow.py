@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 import traceback
 
-from .training import set_torch_threads
+
+def set_torch_threads(threads: int) -> None:
+    """Use exactly ``threads`` CPU threads; the workflow gives each job its own share of the cores.
+
+    Torch-free unless torch is already imported: the table and figure rules run without it. The environment
+    variables cover libraries that read them at import (a torch imported later by the job's function).
+    """
+    threads = max(1, int(threads))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def run_logged(smk, function, **kwargs):

@@ -7,7 +7,7 @@
 #
 # Idempotent: `start` on a running, correctly configured cluster only checks that the node is idle; `stop` on a
 # stopped one does nothing. Needs root and a Debian/Ubuntu machine (apt-get). Facts behind each choice:
-# docs/local-slurm.md (measured on a 2-core Debian 12 machine without systemd, SLURM 22.05).
+# ../shared/docs/local-slurm.md, beside the repository (measured on a 2-core Debian 12 machine without systemd, SLURM 22.05).
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
@@ -96,6 +96,10 @@ GresTypes=gpu
 NodeName=$NODE NodeHostname=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
 # DefMemPerCPU: without it a job that asks for no memory is given the whole node and runs alone.
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=1000
+# A GPU and a CPU partition over the same node, as a cluster has them over different nodes: the SLURM profile's
+# partition file sends gpu=1 jobs to the one and all others to the other.
+PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP DefMemPerCPU=1000
+PartitionName=cpu Nodes=$NODE MaxTime=INFINITE State=UP DefMemPerCPU=1000
 EOF
     cat > "$out/gres.conf" <<EOF
 # Written by tests/slurm_cluster.sh. One GPU that is not there: File= must name a device file or the node turns

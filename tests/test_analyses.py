@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from test_tables import PNG_MAGIC, metrics_parquet
 
-from segsynth.analyses import (adversarial_subset, budget_markdown, budget_name, budget_table, subset_markdown,
-                               subset_name, subset_table)
+from segsynth.config import budget_name, subset_name
+from segsynth.analyses import (adversarial_subset, budget_markdown, budget_table, subset_markdown,
+                               subset_table)
 from segsynth.config import budget_methods, check_references
 from segsynth.errors import ConfigError, InputDataError
 from segsynth.figures import budget_plot

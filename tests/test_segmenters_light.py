@@ -12,7 +12,7 @@ import yaml
 import conftest
 from segsynth.config import validate_config
 from segsynth.errors import ConfigError, InputDataError
-from segsynth.segmenters import ORDER, MKUNet, SwinUNet, get_segmenter_class, load_segmenter
+from segsynth.segmenters import ORDER, MKUNet, NnUNetSegmenter, SwinUNet, get_segmenter_class, load_segmenter
 from segsynth.segmenters.lightweight import BidirectionalSkipAttention
 from segsynth.training import Checkpointer
 
@@ -218,7 +218,6 @@ def test_swin_unet_loads_matching_swin_t_weights(tmp_path, caplog):
 
 
 def test_registry_knows_the_new_kinds():
-    from segsynth.segmenters import NnUNetSegmenter
     assert (get_segmenter_class("mk_unet"), get_segmenter_class("order"), get_segmenter_class("swin_unet"),
             get_segmenter_class("nnunet")) == (MKUNet, ORDER, SwinUNet, NnUNetSegmenter)
 

@@ -1,10 +1,16 @@
-"""The workflow on a real SLURM cluster: the one-node cluster of tests/slurm_cluster.sh and profiles/slurm-test.
+"""The workflow on a real SLURM cluster: the one-node cluster of tests/slurm_cluster.sh, driven by
+``snakemake --profile slurm`` with the profile that ``make slurm-profile`` installs.
 
 Opt-in (``make test-slurm`` starts the cluster, then runs ``pytest -m slurm tests/test_slurm.py``); without a
-responding ``sinfo`` the whole module is skipped at once. Checks that
+responding ``sinfo`` the whole module is skipped at once. The profile is installed by the make target a user
+runs (account none, partitions gpu and cpu, no conda: no channel is reachable here) into a temporary Snakemake
+config folder, and found by name. The tier adds only what the one-node cluster needs: its workflow profile
+(tests/profiles/slurm-node: node-sized threads and memory), squeue status (no slurmdbd) and fast polling. Checks
+that
 
-- the DAG runs through the SLURM executor plugin (sbatch, srun job steps, squeue status, the fake GPU GRES) and
-  produces exactly the tables a local ``--cores 2`` run of the same config produces (CPU runs are deterministic);
+- the DAG runs through the SLURM executor plugin (sbatch, srun job steps, squeue status, the fake GPU GRES, the
+  profile's job groups and partition file) and produces exactly the tables a local ``--cores 2`` run of the same
+  config produces (CPU runs are deterministic);
 - a training job cancelled with ``scancel`` while RUNNING is resubmitted by the profile's retry, resumes from its
   checkpoint, and the workflow ends with complete outputs identical to an uninterrupted run's.
 """
@@ -42,21 +48,38 @@ if not _cluster_responds():
 pytestmark = pytest.mark.slurm
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-PROFILE = REPO / "profiles" / "slurm-test"
+NODE_PROFILE = ["--workflow-profile", str(REPO / "tests" / "profiles" / "slurm-node")]
+# What `snakemake --profile slurm` gets on the test cluster beyond the installed profile: see the docstring.
+CLUSTER = ["--profile", "slurm", *NODE_PROFILE, "--slurm-status-command", "squeue",
+           "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs"]
 CONFIGS = [str(REPO / "tests" / "config" / name) for name in ("e2e.yaml", "slurm.yaml")]
-# The test profile's set-threads, for local runs that must compute what the cluster's jobs compute.
-THREADS = ["--set-threads", "train_generator=1", "train_miner=1", "train_segmenter_real=1"]
 GENERATOR = "results/mni152/generators/tiny"
+CONFIG_HOME = Path(os.environ.get("SEGSYNTH_TEST_CONFIG_HOME", "/tmp/segsynth-slurm-tier-config"))
 
 
 def snakemake_command(*args, timeout):
-    # timeout -k: a hung snakemake ignores SIGTERM (docs/local-slurm.md)
+    # timeout -k: a hung snakemake ignores SIGTERM (the facts in ../shared/docs/local-slurm.md)
     return ["timeout", "-k", "15", str(timeout), SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args]
 
 
 def environment():
     # The venv's bin first: the SLURM jobs inherit it (sbatch --export=ALL) and start snakemake and python from it.
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # XDG_CONFIG_HOME: where `make slurm-profile` installed the profile that `--profile slurm` finds.
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                XDG_CONFIG_HOME=str(CONFIG_HOME))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_profile():
+    """The profile as a user installs it: `make slurm-profile` with the test cluster's settings."""
+    shutil.rmtree(CONFIG_HOME, ignore_errors=True)
+    install = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "slurm-profile", "ACCOUNT=none",
+                              "GPU_PARTITION=gpu", "CPU_PARTITION=cpu", "GPUS_PER_NODE=1", "SDM=none"],
+                             env=environment(), capture_output=True, text=True)
+    assert install.returncode == 0, install.stdout + install.stderr
+    profile = CONFIG_HOME / "snakemake" / "slurm"
+    assert (profile / "config.yaml").is_file() and (profile / "partitions.yaml").is_file()
+    return profile
 
 
 def snakemake(*args, cwd, timeout):
@@ -73,13 +96,19 @@ def report(result) -> str:
 
 
 def jobs(rule: str | None = None, after: int = 0) -> list[tuple[int, str]]:
-    """(job id, state) of the jobs of ``rule`` (all rules if None) with ids above ``after`` that slurmctld still
-    knows (finished ones for MinJobAge=600 s), oldest first. The plugin puts rule_<rule>_wildcards_... in --comment."""
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%k"], capture_output=True, text=True,
+    """(job id, state) of the jobs of ``rule`` or job group (all if None) with ids above ``after`` that slurmctld
+    still knows (finished ones for MinJobAge=600 s), oldest first. The plugin puts rule_<rule or group>_... in
+    --comment."""
+    return [(i, state) for i, state, _ in job_rows(rule, after)]
+
+
+def job_rows(rule: str | None = None, after: int = 0) -> list[tuple[int, str, str]]:
+    """(job id, state, partition), as ``jobs``."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%P|%k"], capture_output=True, text=True,
                          check=True).stdout
-    rows = [line.split("|", 2) for line in out.splitlines() if line.count("|") == 2]
-    return sorted((int(i), state) for i, state, comment in rows
-                  if int(i) > after and (rule is None or comment.startswith(f"rule_{rule}_wildcards_")))
+    rows = [line.split("|", 3) for line in out.splitlines() if line.count("|") == 3]
+    return sorted((int(i), state, partition) for i, state, partition, comment in rows
+                  if int(i) > after and (rule is None or comment.startswith(f"rule_{rule}_")))
 
 
 def last_job_id() -> int:
@@ -90,23 +119,29 @@ def last_job_id() -> int:
 def local_reference(tmp_path_factory):
     """The SLURM config's whole DAG run by the local executor: the numbers the cluster runs must reproduce."""
     workdir = tmp_path_factory.mktemp("local")
-    run = snakemake("--configfile", *CONFIGS, "--cores", "2", *THREADS, cwd=workdir, timeout=600)
+    run = snakemake("--configfile", *CONFIGS, "--cores", "2", *NODE_PROFILE, cwd=workdir, timeout=600)
     assert run.returncode == 0, report(run)
     return workdir
 
 
 def test_the_dag_runs_through_slurm_and_matches_a_local_run(tmp_path, local_reference):
     before = last_job_id()
-    run = snakemake("--profile", str(PROFILE), "--configfile", *CONFIGS, cwd=tmp_path, timeout=600)
+    run = snakemake(*CLUSTER, "--configfile", *CONFIGS, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, report(run)
 
-    # Every cluster rule went through sbatch and finished there; table rules are localrules.
+    # Every cluster rule went through sbatch and finished there, short ones inside their group's job (training
+    # + evaluation + profiling, synthesis + adherence); table rules are localrules.
     log = run.stdout + run.stderr
-    assert "Job stats" in log and "slurm" in log.lower()
-    for rule in ("splits", "train_generator", "train_segmenter_real", "synthesize", "train_segmenter_augmented",
-                 "evaluate_real", "evaluate_augmented", "mask_adherence"):
-        states = [state for _, state in jobs(rule, after=before)]
-        assert states and set(states) == {"COMPLETED"}, (rule, states)
+    assert "Using profiles slurm" in log and "Job stats" in log
+    partitions = {}
+    for name in ("splits", "train_generator", "segmenter_real", "synthesis", "segmenter_augmented"):
+        rows = job_rows(name, after=before)
+        assert rows and {state for _, state, _ in rows} == {"COMPLETED"}, (name, rows)
+        partitions[name] = {partition for _, _, partition in rows}
+    assert len(jobs(after=before)) == 5, jobs(after=before)  # 5 SLURM jobs for 9 cluster rule jobs
+    # The partition file: gpu=1 jobs (groups holding one) on the GPU partition, the others on the CPU one.
+    assert partitions == {"splits": {"cpu"}, "train_generator": {"gpu"}, "segmenter_real": {"gpu"},
+                          "synthesis": {"gpu"}, "segmenter_augmented": {"gpu"}}, partitions
     # A gpu=1 rule asked SLURM for the (fake) GPU.
     generator_job = jobs("train_generator", after=before)[-1][0]
     details = subprocess.run(["scontrol", "show", "job", str(generator_job)], capture_output=True, text=True).stdout
@@ -129,7 +164,7 @@ def test_a_cancelled_training_job_is_resubmitted_and_resumes_from_its_checkpoint
     shutil.copytree(local_reference / "results" / "mni152" / "data", tmp_path / "results" / "mni152" / "data")
     checkpoint = tmp_path / f"{GENERATOR}.ckpt" / "last.pt"
     before = last_job_id()
-    process = subprocess.Popen(snakemake_command("--profile", str(PROFILE), "--configfile", *CONFIGS,
+    process = subprocess.Popen(snakemake_command(*CLUSTER, "--configfile", *CONFIGS,
                                                  "--", GENERATOR, timeout=540),
                                cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)

@@ -114,6 +114,20 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     again = snakemake("-n", "--configfile", str(config), cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
+    # The cost table counts exactly this run's benchmarked jobs: every benchmark file under benchmarks/.
+    cost = pd.read_parquet(results / "tables" / "cost.parquet")
+    assert cost["jobs"].sum() == len(list((tmp_path / "benchmarks").rglob("*.tsv")))
+
+    # Runtime settings (checkpoint intervals, the synthesis batch size) change no result: nothing reruns.
+    runtime = yaml.safe_load(config.read_text())
+    runtime["generators"]["tiny"]["training"]["checkpoint_every"] = 3
+    runtime["miner"]["checkpoint_every"] = 3
+    runtime["segmenters"]["unet"]["checkpoint_every"] = 3
+    runtime["synthesis"]["batch_size"] = 5
+    config.write_text(yaml.safe_dump(runtime))
+    again = snakemake("-n", "--configfile", str(config), cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+
     # Changing one method's parameter reruns that method's jobs and what depends on them, nothing else.
     edited = yaml.safe_load(config.read_text())
     edited["methods"]["rd_eta0"]["steps"] = 4
@@ -159,3 +173,40 @@ def test_paper_preset_dry_runs_on_placeholder_datasets(tmp_path):
     extra = len(sweep["methods"]) * (len(sweep["budgets"]) - 1) * sweep["n_seed"]
     assert counts["splits"] == 3 and counts["train_generator"] == 3
     assert counts["synthesize"] == 3 * (3 * n_methods + extra)
+
+
+def test_snakemake_profile_slurm_finds_the_profile_make_slurm_profile_installs(tmp_path):
+    """The README's cluster set-up, then `snakemake --profile slurm -n` as a user types it (profile found by name
+    in the user's Snakemake config folder, here a temporary one)."""
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "config"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    def install(*settings):
+        result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "slurm-profile", *settings],
+                                env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return yaml.safe_load((tmp_path / "config" / "snakemake" / "slurm" / "config.yaml").read_text())
+
+    def dry_run():
+        return subprocess.run(["timeout", "-k", "15", "120", SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--profile",
+                               "slurm", "-n", "--configfile", str(E2E_CONFIG)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+
+    profile = install("ACCOUNT=lab42", "GPU_PARTITION=gpu-a100", "CPU_PARTITION=cpu")
+    assert profile["executor"] == "slurm" and profile["software-deployment-method"] == "conda"
+    assert profile["default-resources"] == {"slurm_account": "lab42"}
+    assert "cpus_per_task" not in str(profile)  # threads map to --cpus-per-task by themselves
+    partitions = yaml.safe_load((tmp_path / "config" / "snakemake" / "slurm" / "partitions.yaml").read_text())
+    assert partitions["partitions"] == {"cpu": {"max_gpu": 0}, "gpu-a100": {"max_gpu": 8}}
+    result = dry_run()
+    # Found by name, with the workflow profile beside it; no conda here, so the dry run stops at `conda info`.
+    assert f"Using profiles slurm and workflow specific profile {REPO}/profiles/default" in result.stderr
+    assert "conda info" in result.stdout + result.stderr
+
+    profile = install("SDM=none")  # no account or partitions given: the plugin's auto-detection
+    assert "default-resources" not in profile and "slurm-partition-config" not in profile
+    assert not (tmp_path / "config" / "snakemake" / "slurm" / "partitions.yaml").exists()
+    result = dry_run()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Using profiles slurm" in result.stdout + result.stderr
+    assert re.search(r"^synthesize\s+\d+$", result.stdout, flags=re.M)

@@ -67,8 +67,7 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
     masks = np.concatenate([real.masks, *(s.masks for s in synthetic)])
 
     segmenter = get_segmenter_class(cfg["kind"])(cfg, images.shape[1], len(class_names), class_names)
-    segmenter.synthetic_from = len(real.images)  # rows from here on are synthetic: nnunet keeps them out of validation
-    stats = segmenter.train(images, masks, checkpoint_dir, seed)
+    stats = segmenter.train(images, masks, checkpoint_dir, seed, synthetic_from=len(real.images))
     stats.update(seed=int(seed), n_real=int(len(real.images)), n_synthetic=int(len(images) - len(real.images)),
                  synthetic_dirs=[str(d) for d in synthetic_dirs])
     segmenter.save(out_dir, train_stats=stats)

@@ -1,4 +1,4 @@
-"""The segmenter interface, the generic torch training loop, and the synthetic-set reader.
+"""The segmenter interface and the generic torch training loop.
 
 Every downstream segmenter the benchmark trains (real-only baseline, real + synthetic) and every
 value model the guided sampler differentiates through goes through ``Segmenter``, so a new network
@@ -13,17 +13,16 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from monai.losses import DiceCELoss
 
 from ..errors import ConfigError, InputDataError
 from ..io import atomic_dir, read_json, write_json
+from ..synthetic_set import SyntheticSet, load_synthetic_set  # noqa: F401  (re-exported)
 from ..training import Checkpointer, default_device, step_rng
 
 log = logging.getLogger(__name__)
@@ -54,8 +53,12 @@ class Segmenter(ABC):
 
     @abstractmethod
     def train(self, images: np.ndarray, masks: np.ndarray, checkpoint_dir, seed: int,
-              log_every: int = 50) -> dict:
-        """Train on (N,C,H,W) float32 images in [0, 1] and (N,H,W) class-index masks; return statistics."""
+              log_every: int = 50, synthetic_from: int | None = None) -> dict:
+        """Train on (N,C,H,W) float32 images in [0, 1] and (N,H,W) class-index masks; return statistics.
+
+        Rows from ``synthetic_from`` on are synthetic (None: all real). Segmenters that treat them apart use
+        it (nnU-Net keeps them out of its validation folds); the torch trainers pool all rows alike.
+        """
 
     @abstractmethod
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -176,7 +179,7 @@ class TorchSegmenter(Segmenter):
                 raise ValueError(f"{self.kind}: mask value {int(masks.max())} but only {self.num_classes} classes")
 
     def train(self, images: np.ndarray, masks: np.ndarray, checkpoint_dir, seed: int,
-              log_every: int = 50) -> dict:
+              log_every: int = 50, synthetic_from: int | None = None) -> dict:
         self.check_inputs(images, masks)
         if len(images) == 0:
             raise ValueError(f"{self.kind}: no training samples")
@@ -247,34 +250,3 @@ class TorchSegmenter(Segmenter):
         network = self.build_network().to(self.device)
         network.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         self.network = network.eval()
-
-
-
-
-
-@dataclass
-class SyntheticSet:
-    """A generated set: images (N,C,H,W) float32 in [0, 1], masks (N,H,W) uint8, one record per sample."""
-
-    images: np.ndarray
-    masks: np.ndarray
-    records: pd.DataFrame
-
-
-def load_synthetic_set(directory) -> SyntheticSet:
-    """Read a synthetic set directory and check that its three per-sample files agree."""
-    directory = Path(directory)
-    paths = {name: directory / name for name in ("images.npy", "masks.npy", "records.parquet")}
-    for path in paths.values():
-        if not path.exists():
-            raise InputDataError(path, "missing from synthetic set")
-    images = np.load(paths["images.npy"])
-    masks = np.load(paths["masks.npy"])
-    records = pd.read_parquet(paths["records.parquet"])
-    if images.ndim != 4 or images.dtype != np.float32:
-        raise InputDataError(paths["images.npy"], f"expected float32 (N,C,H,W), got {images.dtype} {images.shape}")
-    if masks.shape != (images.shape[0], *images.shape[2:]):
-        raise InputDataError(paths["masks.npy"], f"shape {masks.shape} does not match images {images.shape}")
-    if len(records) != len(images) or "sample_id" not in records:
-        raise InputDataError(paths["records.parquet"], f"needs a sample_id for each of the {len(images)} images")
-    return SyntheticSet(images, masks, records)

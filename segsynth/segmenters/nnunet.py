@@ -31,9 +31,9 @@ iterations like the torch segmenters', rounded up to whole epochs; it replaces `
 nnU-Net's final validation (``perform_actual_validation``: exporting predictions of the validation
 cases through a spawned process pool) is not run; segsynth's evaluation scores the test split.
 
-Splits: rows from ``synthetic_from`` on (argument of ``train``, or the attribute of the same name) are
-synthetic; ``splits_final.json`` puts them in the training part of every fold, so validation (nnU-Net's
-pseudo Dice and ``checkpoint_best``) only ever sees real cases. The test split never reaches ``train``.
+Splits: rows from ``synthetic_from`` on (argument of ``train``) are synthetic; ``splits_final.json`` puts
+them in the training part of every fold, so validation (nnU-Net's pseudo Dice and ``checkpoint_best``) only
+ever sees real cases. The test split never reaches ``train``.
 
 Determinism: torch, numpy and ``random`` are seeded before the network is built, so with
 ``data_workers`` 0 on the CPU a training run is repeatable. Not repeatable: augmentation with worker
@@ -188,9 +188,8 @@ _TRAINER_CLASSES: dict = {}
 
 
 def trainer_class(name: str):
-    """The nnU-Net trainer class for config value ``name`` (built once, on first use: lazy import)."""
-    if name not in TRAINERS:
-        raise ConfigError("segmenters.trainer", f"must be one of {TRAINERS}, got {name!r}")
+    """The nnU-Net trainer class for config value ``name``, checked by ``NnUNetSegmenter`` (built once, on
+    first use: lazy import)."""
     if not _TRAINER_CLASSES:
         import os
 
@@ -244,7 +243,6 @@ class NnUNetSegmenter(Segmenter):
         self.options = self._check_config(cfg)
         chosen = device if device is not None else self.options["device"]
         self.device = torch.device(chosen) if chosen is not None else default_device()
-        self.synthetic_from: int | None = None
         self._model: dict | None = None  # plans, dataset_json, fingerprint, checkpoint (weights etc.)
         self._predictor = None
         self._network = None
@@ -421,7 +419,7 @@ class NnUNetSegmenter(Segmenter):
 
     def train(self, images: np.ndarray, masks: np.ndarray, checkpoint_dir, seed: int,
               log_every: int = 50, synthetic_from: int | None = None) -> dict:
-        """Train nnU-Net on the pool; rows >= ``synthetic_from`` (default: ``self.synthetic_from``) are synthetic.
+        """Train nnU-Net on the pool; rows >= ``synthetic_from`` are synthetic (None: all real).
 
         A killed job resumes from nnU-Net's ``checkpoint_latest.pth`` (written every ``checkpoint_every``
         epochs) and ends at the same epoch count.
@@ -429,8 +427,6 @@ class NnUNetSegmenter(Segmenter):
         self.check_inputs(images, masks)
         if len(images) == 0:
             raise ValueError(f"{self.kind}: no training samples")
-        if synthetic_from is None:
-            synthetic_from = self.synthetic_from
         if synthetic_from is not None and not 0 <= int(synthetic_from) <= len(images):
             raise ValueError(f"{self.kind}: synthetic_from={synthetic_from} outside [0, {len(images)}]")
         synthetic_from = None if synthetic_from is None else int(synthetic_from)
