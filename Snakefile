@@ -2,11 +2,23 @@
 #
 # DAG: dataset splits → generator fine-tuning → miner training → per-seed guided synthesis → segmenter training
 #      → evaluation → metric tables, figures and the Snakemake HTML report.
-# Run:  snakemake --profile profiles/local        (or profiles/slurm on a cluster)
+# Run:  snakemake --profile profiles/local   (make demo), or snakemake --profile slurm after make slurm-profile
+
+import sys
+from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# segsynth is imported from this workflow's folder: here, and in every job, whatever environment runs it (the
+# per-rule conda envs do not install the project; Snakemake's script preamble appends the launcher's sys.path).
+# Parsing stays torch-free (segsynth.config and segsynth.provenance import no torch): every dry run, and every
+# cluster job's own start-up, pays for what is imported while parsing.
+if workflow.basedir not in sys.path:
+    sys.path.insert(0, workflow.basedir)
+
+from segsynth.config import schema_file
 
 
 configfile: "config.yaml"
@@ -15,7 +27,8 @@ configfile: "config.yaml"
 report: "report/workflow.rst"
 
 
-validate(config, "schemas/config.schema.yaml")
+# schemas/config.schema.yaml, through a JSON copy that parses in milliseconds (segsynth.config.schema_file)
+validate(config, schema_file(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
 
 
 include: "rules/common.smk"

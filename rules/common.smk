@@ -1,20 +1,11 @@
 # Shared names, wildcard constraints and input functions. No logic beyond choosing files.
 
 import re
-import sys
 from pathlib import Path
-
-# segsynth is imported from this workflow's folder: here, and in every job, whatever environment runs it (the
-# per-rule conda envs do not install the project; Snakemake's script preamble appends the launcher's sys.path).
-if workflow.basedir not in sys.path:
-    sys.path.insert(0, workflow.basedir)
 
 from segsynth.config import (budget_methods, budget_name, canonical, check_references, dataset_sources,
                              method_params, science, subset_name, weight_sources)
 from segsynth.provenance import code_version
-
-# Parsing stays torch-free (segsynth.config and segsynth.provenance import no torch): every dry run, and every
-# cluster job's own start-up, pays for what is imported here.
 
 check_references(config)
 # The budget sweep's entries are ordinary methods (``rd_x2`` = rd at 2 × |train|).

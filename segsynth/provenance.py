@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth" / "provenance.json"
 
 
+@lru_cache(maxsize=None)
 def module_path(module: str, root: Path = ROOT) -> Path | None:
     """The source file of a segsynth module (``segsynth.data.canonical`` → ``segsynth/data/canonical.py``)."""
     base = root.joinpath(*module.split("."))
