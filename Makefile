@@ -48,7 +48,7 @@ test-slow: $(STAMP)
 test-envs: $(STAMP)
 	$(PY) -m pytest -m envs tests/test_envs.py
 
-# What CI runs: every tier.
+# Every tier in order: what .ci/run runs (after starting the SLURM cluster).
 ci: test test-slow test-envs test-slurm
 
 # Opt-in tier on a real one-node SLURM cluster (root, apt-get): installs and starts it if needed (idempotent),
