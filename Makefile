@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: demo test test-slow test-envs test-slurm ci install envs slurm-profile report lint dryrun paper-dryrun clean
+.PHONY: demo test test-slow test-envs test-slurm gpu-check ci install envs slurm-profile report lint dryrun paper-dryrun paper-plan clean
 
 install: $(STAMP)
 
@@ -47,6 +47,17 @@ test-slow: $(STAMP)
 # Each per-rule env's pip set in a fresh venv under the same constraints, then everything its rules import.
 test-envs: $(STAMP)
 	$(PY) -m pytest -m envs tests/test_envs.py
+
+# On a GPU node (<= 5 min): every sampler, the trainers killed and resumed, mixed precision, no host sync per
+# sampling step, nnU-Net training/resume and its value model, and one small DAG, all on CUDA. Without a CUDA
+# device every check skips (the default test run collects them too).
+GPU_NNUNET_TESTS := tests/test_nnunet.py::test_train_predict_save_load_value_model \
+	tests/test_nnunet.py::test_resume_after_kill_ends_at_the_same_epoch
+gpu-check: $(STAMP)
+	@$(PY) -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device: the GPU checks skip')"
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) -m pytest -v -rs --durations=10 tests/test_gpu.py $(GPU_NNUNET_TESTS); \
+	else $(PY) -m pytest -q -rs tests/test_gpu.py; fi
 
 # Every tier in order: what .ci/run runs (after starting the SLURM cluster).
 ci: test test-slow test-envs test-slurm
@@ -91,6 +102,15 @@ paper-dryrun: $(STAMP)
 	start=$$(date +%s%N) && \
 	$(SNAKEMAKE) -n --nolock $(PAPER_DRYRUN_FLAGS) --configfile config.yaml presets/paper.yaml $$tmp/paths.yaml && \
 	echo "paper DAG resolved in $$(( ($$(date +%s%N) - start) / 1000000 )) ms (placeholder datasets in $$tmp)"
+
+# What the papers' benchmark costs in H100-hours, per stage and in total, before anything is submitted: the jobs of
+# Snakemake's own DAG (dry run on placeholder datasets, as paper-dryrun) × the work of each from the config × unit
+# costs from this run's benchmarks/ when present, else the documented defaults of segsynth/plan.py; baseline,
+# each reduction the workflow makes, what-ifs. PAPER_PLAN_FLAGS="--remaining" plans only what is left to run.
+PAPER_PLAN_FLAGS ?=
+paper-plan: $(STAMP)
+	@tmp=$$(mktemp -d) && $(PY) -m segsynth.data.placeholders $$tmp > /dev/null && \
+	$(PY) -m segsynth.plan $(PAPER_PLAN_FLAGS) --configfile config.yaml presets/paper.yaml $$tmp/paths.yaml
 
 clean:
 	rm -rf results logs benchmarks .snakemake

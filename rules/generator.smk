@@ -12,6 +12,7 @@ rule train_generator:
         seed=config["seeds"]["generator"],
         prompt_template=lambda wc: config["datasets"][wc.dataset].get("prompt_template", "{classes}"),
         code=code("train_generator"),
+        precision=config["precision"],  # segsynth.precision: float32 on CPUs whatever it says
     log:
         "logs/{dataset}/generators/{generator}.log",
     benchmark:

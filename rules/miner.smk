@@ -12,6 +12,7 @@ rule train_miner:
         miner=science("miner", config["miner"]),  # the job reads checkpoint_every from the config
         seed=config["seeds"]["miner"],
         code=code("train_miner"),
+        precision=config["precision"],  # segsynth.precision: float32 on CPUs whatever it says
     log:
         "logs/{dataset}/miners/{generator}/{segmenter}.log",
     benchmark:

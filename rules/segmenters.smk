@@ -1,3 +1,9 @@
+# segsynth.segmenters.protocol.PROTOCOL_KEYS, repeated here because parsing must not import torch (which
+# segsynth.segmenters does); tests/test_protocol.py checks that the two agree. They only change real + synthetic
+# training, so the real-only model's params leave them out: editing them never retrains the Baseline or f_θ.
+SEGMENTER_PROTOCOL_KEYS = ("protocol", "continue_steps", "continue_epochs", "val_fraction", "val_every", "cutmix_p")
+
+
 rule train_segmenter_real:
     """Real-only downstream model: the Baseline row, and the frozen value estimator f_θ of guided samplers."""
     input:
@@ -6,10 +12,15 @@ rule train_segmenter_real:
     output:
         directory("results/{dataset}/segmenters/{segmenter}/real"),
     params:
-        # the job reads runtime settings (checkpoint_every, data_workers) from the config
-        segmenter=lambda wc: science("segmenter", config["segmenters"][wc.segmenter]),
+        # the job reads runtime settings (checkpoint_every, data_workers) from the config; without the protocol keys
+        segmenter=lambda wc: {
+            key: value
+            for key, value in science("segmenter", config["segmenters"][wc.segmenter]).items()
+            if key not in SEGMENTER_PROTOCOL_KEYS
+        },
         seed=config["seeds"]["segmenter"],
         code=code("train_segmenter"),
+        precision=config["precision"],  # segsynth.precision: float32 on CPUs whatever it says
     log:
         "logs/{dataset}/segmenters/{segmenter}/real.log",
     benchmark:
@@ -25,11 +36,18 @@ rule train_segmenter_real:
 
 
 rule train_segmenter_augmented:
-    """Downstream model trained on real + one synthetic set (same initialisation seed as the Baseline)."""
+    """Downstream model trained on real + one synthetic set: from scratch (same initialisation seed as the
+    Baseline) or, for ``protocol: continue``, continued from the real-only model (input ``init``)."""
     input:
         data="results/{dataset}/data",
         synthetic="results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
         weights=lambda wc: weight_sources(config["segmenters"][wc.segmenter]),
+        # protocol continue: the real-only model it starts from (nothing for scratch)
+        init=lambda wc: (
+            f"results/{wc.dataset}/segmenters/{wc.segmenter}/real"
+            if config["segmenters"][wc.segmenter].get("protocol", "scratch") == "continue"
+            else []
+        ),
     output:
         directory("results/{dataset}/segmenters/{segmenter}/{generator}/{method}/seed{seed}"),
     params:
@@ -37,6 +55,7 @@ rule train_segmenter_augmented:
         segmenter=lambda wc: science("segmenter", config["segmenters"][wc.segmenter]),
         seed=config["seeds"]["segmenter"],
         code=code("train_segmenter"),
+        precision=config["precision"],  # segsynth.precision: float32 on CPUs whatever it says
     log:
         "logs/{dataset}/segmenters/{segmenter}/{generator}/{method}/seed{seed}.log",
     benchmark:

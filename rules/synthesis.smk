@@ -7,6 +7,7 @@ rule synthesize:
     params:
         method=synthesis_params,  # the job reads the batch size from the config
         code=code("synthesize"),
+        precision=config["precision"],  # segsynth.precision: float32 on CPUs whatever it says
     wildcard_constraints:
         method=SYNTHESIZED,
     log:
@@ -20,6 +21,35 @@ rule synthesize:
         gpu=1,
     script:
         "../scripts/synthesize.py"
+
+
+# A set of the budget sweep that is a prefix of a larger one is copied, not synthesised (see budget_prefix).
+ruleorder: budget_prefix > synthesize
+
+
+rule budget_prefix:
+    """A smaller budget of the budget sweep, on the sweep's seeds: the first round(b × |train|) samples of the same
+    method's largest-budget set — the masks, noise seeds and images a synthesis at budget b draws — renamed."""
+    input:
+        source=lambda wc: f"results/{wc.dataset}/synthetic/{wc.generator}/{BUDGET_SOURCES[wc.method]}/seed{wc.seed}",
+        data="results/{dataset}/data",
+    output:
+        directory("results/{dataset}/synthetic/{generator}/{method}/seed{seed}"),
+    params:
+        method=synthesis_params,  # what decides the set, as for its synthesis job
+        code=code("budget_prefix"),
+    wildcard_constraints:
+        method=PREFIXED,
+        seed=PREFIX_SEEDS,
+    log:
+        "logs/{dataset}/budget_prefix/{generator}/{method}/seed{seed}.log",
+    benchmark:
+        "benchmarks/{dataset}/budget_prefix/{generator}/{method}/seed{seed}.tsv"
+    conda:
+        "../envs/tables.yaml"
+    threads: 1
+    script:
+        "../scripts/budget_prefix.py"
 
 
 rule mask_adherence:

@@ -6,6 +6,7 @@ localrules:
     budget_figure,
     cost_table,
     adherence_table,
+    fidelity_table,
     dice_figure,
     sample_figure,
     value_figure,
@@ -56,6 +57,29 @@ rule adherence_table:
         "../envs/tables.yaml"
     script:
         "../scripts/adherence_table.py"
+
+
+rule fidelity_table:
+    """FID, KID and the domain FID of every synthetic set, and their mean ± std over seeds per method."""
+    input:
+        [run["path"] for run in fidelity_runs()],
+    output:
+        parquet="results/tables/fidelity.parquet",
+        markdown=report(
+            "results/tables/fidelity.md",
+            caption="../report/fidelity.rst",
+            category="Tables",
+            labels={"table": "fidelity"},
+        ),
+    params:
+        code=code("fidelity_table"),
+        runs=fidelity_runs(),
+    log:
+        "logs/tables/fidelity.log",
+    conda:
+        "../envs/tables.yaml"
+    script:
+        "../scripts/fidelity_table.py"
 
 
 rule dice_figure:

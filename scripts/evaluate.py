@@ -7,4 +7,5 @@ run_logged(
     model_dir=snakemake.input.model,
     data_dir=snakemake.input.data,
     out_path=snakemake.output[0],
+    threads=snakemake.threads,
 )

@@ -14,5 +14,7 @@ run_logged(
     out_dir=snakemake.output[0],
     value_model_dir=snakemake.input.value_model,
     threads=snakemake.threads,
+    precision=snakemake.params.precision,
     miner_dir=snakemake.input.get("miner"),
+    candidates_dir=snakemake.input.get("candidates"),  # GAUDA's first candidates: the run's RD set
 )

@@ -10,4 +10,5 @@ run_logged(
     seed=snakemake.params.seed,
     prompt_template=snakemake.params.prompt_template,
     threads=snakemake.threads,
+    precision=snakemake.params.precision,
 )

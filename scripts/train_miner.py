@@ -11,4 +11,5 @@ run_logged(
     out_dir=snakemake.output[0],
     seed=snakemake.params.seed,
     threads=snakemake.threads,
+    precision=snakemake.params.precision,
 )

@@ -10,4 +10,7 @@ run_logged(
     seed=snakemake.params.seed,
     synthetic_dirs=[snakemake.input.synthetic] if "synthetic" in snakemake.input.keys() else [],
     threads=snakemake.threads,
+    precision=snakemake.params.precision,
+    # protocol continue: the real-only model to start from (an empty input for scratch)
+    init_dir=(snakemake.input.init or None) if "init" in snakemake.input.keys() else None,
 )

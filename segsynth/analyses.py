@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .config import budget_name, subset_name  # noqa: F401  (names of the derived methods)
 from .errors import InputDataError
 from .io import atomic_dir, save_array, write_json, write_parquet, write_text
 from .synthetic_set import load_synthetic_set
@@ -48,6 +47,67 @@ def subset_size(synthetic_dir) -> tuple[int, float]:
     if "threshold" not in meta:  # a whole synthetic set (τ = 0)
         return n, 1.0
     return n, n / meta["n_source"] if meta["n_source"] else 0.0
+
+
+def budget_prefix(source_dir, data_dir, method: str, params: dict, seed: int, out_dir) -> dict:
+    """Write the budget-``params["budget"]`` synthetic set of ``method`` as the prefix of a larger set of the
+    same method family (``source_dir``, see ``segsynth.config.budget_sources``): the same files a synthesis job
+    writes (images.npy, masks.npy, records.parquet, meta.json), atomically.
+
+    The first round(budget × |train|) samples of a larger budget's set are the set a direct synthesis at that
+    budget draws: the same conditioning masks (whole seeded permutations cut to length), the same per-sample
+    noise seeds ``noise_seed(seed, i)``, so the same images (bit for bit where the kernels are batch-invariant,
+    as on a CPU; a GPU may round the last partial batch differently, as any batch-size change does — the batch
+    size is a runtime setting). Sample ids and the method column are renamed to ``method``, as a direct
+    synthesis names them. Refused when the source is not the same method at a larger budget, seed and |train|.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from .config import science
+    from .data.canonical import INDEX_FILE, read_meta
+    from .io import read_json
+
+    source_dir, data_dir = Path(source_dir), Path(data_dir)
+    source_meta = read_json(source_dir / "meta.json")
+    read_meta(data_dir)  # a canonical dataset of this segsynth's format
+    index = pd.read_parquet(data_dir / INDEX_FILE, columns=["split"])
+    n_train = int((index["split"] == "train").sum())
+    n = int(round(float(params["budget"]) * n_train))
+    n_source = int(round(float(source_meta["params"]["budget"]) * n_train))
+
+    def without_budget(p):
+        return {k: v for k, v in science("synthesis", p).items() if k != "budget"}
+
+    if without_budget(source_meta["params"]) != without_budget(params):
+        raise InputDataError(source_dir / "meta.json", f"was synthesised with other settings than {method!r} "
+                             f"(budget aside): {without_budget(source_meta['params'])} vs {without_budget(params)}")
+    if int(source_meta["seed"]) != int(seed):
+        raise InputDataError(source_dir / "meta.json", f"seed {source_meta['seed']}, {method!r} needs seed {seed}")
+    if int(source_meta["n"]) != n_source or n > n_source:
+        raise InputDataError(source_dir / "meta.json", f"holds {source_meta['n']} samples; |train| = {n_train} "
+                             f"at budget {source_meta['params']['budget']} is {n_source}, and {method!r} needs "
+                             f"the first {n}")
+
+    images = np.load(source_dir / "images.npy", mmap_mode="r")  # a budget-6 set of 256² RGB images is GBs
+    masks = np.load(source_dir / "masks.npy", mmap_mode="r")
+    records = pd.read_parquet(source_dir / "records.parquet").iloc[:n].reset_index(drop=True)
+    if len(images) != n_source or len(masks) != n_source:
+        raise InputDataError(source_dir, f"{len(images)} images and {len(masks)} masks, meta.json says {n_source}")
+    records["sample_id"] = [f"{method}_seed{seed}_{i:05d}" for i in range(n)]
+    records["method"] = method
+    seconds_per_image = float(source_meta.get("seconds_per_image", 0.0))
+    meta = {"method": method, "params": params, "seed": int(seed), "n": n,
+            # the sampling time of these samples, spent inside the source's synthesis job
+            "seconds": round(seconds_per_image * n, 2), "seconds_per_image": seconds_per_image,
+            "prefix_of": {"dir": str(source_dir), "method": source_meta["method"], "n": n_source}}
+    with atomic_dir(out_dir) as tmp:
+        save_array(tmp / "images.npy", np.ascontiguousarray(images[:n]))
+        save_array(tmp / "masks.npy", np.ascontiguousarray(masks[:n]))
+        write_parquet(tmp / "records.parquet", records)
+        write_json(tmp / "meta.json", meta)
+    return meta
 
 
 def _dice_means(runs: pd.DataFrame) -> pd.DataFrame:

@@ -40,6 +40,23 @@ def schema_file(schema: Path = SCHEMA) -> str:
     return str(cached)
 
 
+def read_configs(paths) -> dict:
+    """The config files merged in order, nested mappings merged key by key, as ``snakemake --configfile a b``
+    merges them (before the schema's defaults; for tools that read a config outside a workflow run)."""
+    config: dict = {}
+    for path in paths:
+        _merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return config
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def check_references(config: dict) -> None:
     """Every dataset, generator, segmenter and method that ``run`` names must be defined."""
     run = config["run"]
@@ -74,6 +91,41 @@ def budget_methods(config: dict) -> dict[str, dict]:
                                   f"{method!r} at {budget:g}× (analyses.budget); rename the method")
             derived[name] = {**config["methods"][method], "budget": float(budget)}
     return derived
+
+
+def budget_seeds(config: dict) -> list[int]:
+    """The synthesis seeds of the budget sweep (``analyses.budget.n_seed``, default ``seeds.n_seed``)."""
+    sweep = (config.get("analyses") or {}).get("budget")
+    if not sweep:
+        return []
+    return list(range(sweep.get("n_seed", config["seeds"]["n_seed"])))
+
+
+def budget_sources(config: dict) -> dict[str, str]:
+    """The synthetic sets of the budget sweep that are cut from a larger one instead of synthesised:
+    {method: source method}, for the sweep's seeds (``budget_seeds``).
+
+    A swept method's sets at every budget differ only in their length: ``conditioning_sources`` draws whole
+    seeded permutations of the training masks and cuts them to round(budget × |train|), and the noise of sample
+    i is ``noise_seed(seed, i)`` whatever the budget, so the first round(b × |train|) samples of the largest
+    budget's set are the budget-b set. Per swept method, the member of its family (the method itself, whose
+    budget is its configured one, and its ``<method>_x<b>`` entries) with the largest budget is synthesised and
+    every smaller member is its prefix (``segsynth.analyses.budget_prefix``)."""
+    sweep = (config.get("analyses") or {}).get("budget")
+    sources: dict[str, str] = {}
+    for method in (sweep or {}).get("methods", []):
+        family = {method: config["methods"][method]}
+        for budget in sweep["budgets"]:
+            if float(budget) != 1.0:
+                name = budget_name(method, budget)
+                family[name] = config["methods"].get(name) or {**config["methods"][method], "budget": float(budget)}
+
+        def size(name):
+            return float(family[name].get("budget", config["synthesis"]["budget"]))
+
+        largest = max(family, key=size)  # the first of equal budgets: the method itself
+        sources.update({name: largest for name in family if size(name) < size(largest)})
+    return sources
 
 
 def budget_name(method: str, budget: float) -> str:
@@ -111,6 +163,28 @@ def method_params(config: dict, dataset: str, method: str) -> dict:
     return canonical(params)
 
 
+#: the settings that decide an RD sample besides its seed, mask and generator (GAUDA's candidate 0 shares them)
+_DDIM_KEYS = ("steps", "eta", "guidance_scale", "budget")
+
+
+def candidate_source(config: dict, dataset: str, method: str) -> str | None:
+    """The RD method whose samples are GAUDA ``method``'s first candidates by construction, if the run makes one.
+
+    GAUDA's candidate 0 is the DDIM sample of each sample's own seed (segsynth.sampling.baselines.candidate_seed):
+    with the same steps, η, guidance scale and budget (so the same masks in the same order), the run's RD set of
+    the same generator and seed holds exactly those images, and the GAUDA job reads them instead of sampling
+    them again. None for other samplers, or when no RD method of ``run.methods`` matches."""
+    if config["methods"][method]["sampler"] != "gauda":
+        return None
+    mine = method_params(config, dataset, method)
+    for other in config["run"]["methods"]:
+        if config["methods"].get(other, {}).get("sampler") == "ddim":
+            theirs = method_params(config, dataset, other)
+            if all(theirs[key] == mine[key] for key in _DDIM_KEYS):
+                return other
+    return None
+
+
 def validate_config(config: dict) -> None:
     """Schema + references, for use outside Snakemake (tests, library callers)."""
     import jsonschema
@@ -129,9 +203,9 @@ def validate_config(config: dict) -> None:
 # (Synthesis noise is drawn per sample from its own seed, so the batch size changes no sample; trainers
 # resume bit-identically from any checkpoint interval; nnU-Net's data_workers only parallelise loading.)
 RUNTIME_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "generator": (("training", "checkpoint_every"),),
+    "generator": (("training", "checkpoint_every"), ("training", "gradient_checkpointing")),
     "miner": (("checkpoint_every",),),
-    "segmenter": (("checkpoint_every",), ("data_workers",)),
+    "segmenter": (("checkpoint_every",), ("data_workers",), ("compile",)),
     "synthesis": (("batch_size",),),
 }
 

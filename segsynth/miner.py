@@ -45,7 +45,8 @@ from .data.canonical import load_split
 from .errors import InputDataError
 from .generator import MaskToImageGenerator
 from .io import atomic_dir, write_json
-from .sampling.base import per_sample_randn, sample_generators
+from .precision import autocast, compute_dtype, configure, grad_scaler
+from .sampling.base import NoiseStream
 from .sampling.ddim import DDIMTrajectory
 from .sampling.value import value_terms
 from .training import Checkpointer, default_device, set_torch_threads, step_rng
@@ -110,7 +111,8 @@ class AdversarialityMiner(torch.nn.Module):
 
 def initial_score(generator: MaskToImageGenerator, x_T: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """S_init = sg(ε_φ(x_T, T | ŷ)) at T = the last training timestep (conditional, no CFG)."""
-    t = generator.noise_scheduler.config.num_train_timesteps - 1
+    # made on the device (a Python int would be copied to the GPU at every call)
+    t = torch.full((), generator.noise_scheduler.config.num_train_timesteps - 1, device=x_T.device)
     with torch.no_grad():
         return generator.predict_noise(x_T, t, generator.mask_condition(masks), generator.encode_prompt(masks))
 
@@ -143,18 +145,27 @@ def miner_objective(generator, value_model, miner, x_T, masks, rollout_steps: in
             "shift": delta_mu.abs().flatten(1).amax(1), "delta_sigma": delta_sigma.abs().flatten(1).amax(1)}
 
 
+#: the per-sample terms of :func:`miner_objective` that training logs (batch means)
+TERMS = ("objective", "seg_loss", "kl", "shift", "delta_sigma")
+
+
 def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, seed: int, checkpoint_dir=None,
-                threads: int = 1, stop_after: int | None = None) -> dict:
+                threads: int = 1, stop_after: int | None = None, precision: str = "fp32",
+                cpu_autocast: bool = False) -> dict:
     """Train M_ξ against the frozen generator and f_θ on the training masks of ``data_dir``; save to ``out_dir``.
 
     Step ``i`` draws its masks and noise from (seed, i) alone, so a resumed run is the run that was not killed.
-    ``stop_after`` ends after that many steps with a checkpoint and no output (tests simulate a kill with it)."""
+    ``stop_after`` ends after that many steps with a checkpoint and no output (tests simulate a kill with it).
+    ``precision`` (segsynth.precision): the frozen generator in the reduced dtype, the objective under autocast;
+    M_ξ and its optimiser stay float32."""
     from .segmenters import load_segmenter
 
     set_torch_threads(threads)
     device = default_device()
     checkpoint_dir = Path(checkpoint_dir or f"{out_dir}.ckpt")
-    generator = MaskToImageGenerator.load(generator_dir).to(device).requires_grad_(False).eval()
+    configure(precision, device)
+    dtype = compute_dtype(precision, device, cpu_autocast)
+    generator = MaskToImageGenerator.load(generator_dir).to(device, dtype).requires_grad_(False).eval()
     value_model = load_segmenter(value_model_dir).as_value_model().to(device).requires_grad_(False).eval()
     masks_all = torch.from_numpy(np.ascontiguousarray(load_split(data_dir, "train").masks))
 
@@ -162,11 +173,15 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
     miner = AdversarialityMiner(generator.latent_shape(1)[1], cfg.get("channels", [16, 32]),
                                 cfg.get("mu_bound", 3.0), cfg.get("sigma_bound", 0.9)).to(device)
     optimizer = torch.optim.AdamW(miner.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
-    checkpointer = Checkpointer(checkpoint_dir, cfg.get("checkpoint_every", 50),
-                                {"miner": miner, "optimizer": optimizer})
+    objects = {"miner": miner, "optimizer": optimizer}
+    scaler = grad_scaler(dtype, device)
+    if scaler.is_enabled():
+        objects["scaler"] = scaler
+    checkpointer = Checkpointer(checkpoint_dir, cfg.get("checkpoint_every", 50), objects)
     start = checkpointer.restore()
     steps, batch_size = cfg["steps"], cfg["batch_size"]
     history: list[dict] = []
+    pending: list[torch.Tensor] = []
     began = time.time()
     miner.train()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="miner", mininterval=10):
@@ -174,16 +189,23 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
         masks = masks_all[idx].to(device)
         noise_seeds = [int(s) for s in step_rng(seed, step, stream=1).integers(0, 2**62, size=batch_size)]
         # x_T is the first draw of each sample's stream, exactly as a synthesis job draws it
-        x_T = per_sample_randn(generator.latent_shape(batch_size), sample_generators(noise_seeds)).to(device)
-        terms = miner_objective(generator, value_model, miner, x_T, masks, cfg["rollout_steps"],
-                                cfg.get("eta", 0.0), noise_seeds, cfg["kappa_up"], cfg["beta"])
-        loss = -terms["objective"].mean()
+        x_T = NoiseStream(noise_seeds, generator.latent_shape(batch_size), device).next()
+        with autocast(dtype, device):
+            terms = miner_objective(generator, value_model, miner, x_T, masks, cfg["rollout_steps"],
+                                    cfg.get("eta", 0.0), noise_seeds, cfg["kappa_up"], cfg["beta"])
+        loss = -terms["objective"].float().mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(miner.parameters(), cfg.get("grad_clip", 1.0))
-        optimizer.step()
-        history.append({k: float(v.detach().mean()) for k, v in terms.items()})
+        scaler.step(optimizer)
+        scaler.update()
+        # batch means stay on the device; read every 25 steps (a read waits for the GPU)
+        pending.append(torch.stack([terms[k].detach().float().mean() for k in TERMS]))
         done = step + 1
+        if done % 25 == 0 or done == steps or (stop_after is not None and done >= stop_after):
+            history.extend(dict(zip(TERMS, row)) for row in torch.stack(pending).tolist())
+            pending.clear()
         if done % 25 == 0:
             recent = history[-25:]
             log.info("step %d/%d seg_loss %.4f kl %.3f max|Δμ| %.3f", done, steps,

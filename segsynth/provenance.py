@@ -71,6 +71,16 @@ def _save_cache() -> None:
     if not _cache_dirty:
         return
     _cache_dirty.clear()
+    # drop the entries of files that are gone or have changed since (edits would otherwise pile up forever)
+    for key in list(_cache):
+        path, _, mtime, size = key.rsplit("|", 3)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            del _cache[key]
+            continue
+        if (str(stat.st_mtime_ns), str(stat.st_size)) != (mtime, size):
+            del _cache[key]
     try:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=CACHE.parent, delete=False, suffix=".tmp") as tmp:

@@ -1,4 +1,4 @@
-"""The paper's tables: per-class metric means per run, the main comparison table, mask adherence.
+"""The paper's tables: per-class metric means per run, the main comparison table, mask adherence, fidelity.
 
 Runs are listed in a frame (one row per trained segmenter, with the path of its metrics parquet),
 so the workflow decides which runs exist and these functions only aggregate. Spread is the sample
@@ -81,6 +81,71 @@ def adherence_markdown(adherence: pd.DataFrame) -> str:
             dice = rows.loc[rows["method"] == method, "dice"] * 100.0
             lines.append(f"| {dataset} | {method_label(method)} | {mean_std(dice, 1)} |")
     return "\n".join(lines) + "\n"
+
+
+#: Fidelity columns of the summary: label, metric (segsynth.fidelity.METRICS), scale, decimals.
+FIDELITY_COLUMNS = (("FID", "fid", 1.0, 1), ("KID ×10³", "kid_mean", 1e3, 2), ("Domain FID", "domain_fid", 1.0, 3))
+
+
+def fidelity_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every synthetic set's fidelity rows (``score_fidelity``): dataset, generator, method, seed, metric (fid,
+    kid_mean, kid_std, domain_fid), value, n_samples (synthetic), n_real. ``rows`` has columns dataset, method
+    (the table label), seed, path; the label replaces the method name of the files."""
+    frames = [pd.read_parquet(row.path).assign(method=row.method) for row in rows.itertuples(index=False)]
+    columns = ["dataset", "generator", "method", "seed", "metric", "value", "n_samples", "n_real"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def fidelity_means(fidelity: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, method and metric: mean and std (ddof = 1) over seeds, the number of seeds, and the sample
+    counts the values rest on (n_samples, n_real: one number when equal over seeds, else "min–max"). Keyed by
+    (dataset, method) like the main table's rows, so it can stand next to Dice."""
+    return (fidelity.groupby(["dataset", "method", "metric"], sort=False)
+            .agg(mean=("value", "mean"), std=("value", lambda v: v.std(ddof=1)), n_seeds=("seed", "nunique"),
+                 n_samples=("n_samples", _count_range), n_real=("n_real", _count_range))
+            .reset_index())
+
+
+def _count_range(values: pd.Series) -> str:
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def fidelity_summary(fidelity: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, method): FID, KID ×10³ and domain FID as "mean ± std" over seeds, and the numbers
+    of real and synthetic images and seeds behind them."""
+    rows = []
+    for dataset in dict.fromkeys(fidelity["dataset"]):
+        block = fidelity[fidelity["dataset"] == dataset]
+        for method in method_order(block["method"]):
+            run = block[block["method"] == method]
+            row = {"Dataset": dataset, "Method": method_label(method)}
+            for label, metric, scale, decimals in FIDELITY_COLUMNS:
+                row[label] = mean_std(run.loc[run["metric"] == metric, "value"] * scale, decimals)
+            row.update({"n real": _count_range(run["n_real"]), "n synthetic": _count_range(run["n_samples"]),
+                        "Seeds": str(run["seed"].nunique())})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fidelity_markdown(fidelity: pd.DataFrame) -> str:
+    summary = fidelity_summary(fidelity)
+    caption = ("Fidelity of the synthetic sets to the real training images, mean ± std over seeds (lower is closer). "
+               "FID and KID on the TF-FID InceptionV3 (pool3, 2048 features; grey repeated to RGB, 8-bit, bilinear "
+               "to 299²); KID: unbiased cubic-kernel MMD², per set the mean over 100 random subsets of "
+               "min(1000, ⌊min(n real, n synthetic) / 2⌋) images of each side. Domain FID: Fréchet distance of the "
+               "real-only segmenter f_θ's bottleneck features (global-average pooled). n real: training images; "
+               "n synthetic: images per set.")
+    lines = ["| " + " | ".join(summary.columns) + " |", "|" + "---|" * len(summary.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in summary.itertuples(index=False)]
+    return "\n".join([caption, "", *lines]) + "\n"
+
+
+def write_fidelity_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> pd.DataFrame:
+    fidelity = fidelity_table(rows)
+    write_parquet(parquet_path, fidelity)
+    write_text(markdown_path, fidelity_markdown(fidelity))
+    return fidelity
 
 
 def write_main_tables(runs: pd.DataFrame, parquet_path, markdown_path, tsv_path) -> pd.DataFrame:

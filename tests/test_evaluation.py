@@ -65,6 +65,10 @@ def test_scores_are_chunked_consistently(monkeypatch):
     whole = distance_scores(predicted, truth, 3)
     monkeypatch.setattr(evaluation, "CHUNK", 3)
     np.testing.assert_array_equal(distance_scores(predicted, truth, 3)["asd"], whole["asd"])
+    # the same numbers from worker processes (a GPU job's threads score its chunks in parallel)
+    parallel = distance_scores(predicted, truth, 3, workers=2)
+    for metric in ("asd", "hd95"):
+        np.testing.assert_array_equal(parallel[metric], whole[metric])
 
 
 class Oracle:

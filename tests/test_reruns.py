@@ -75,6 +75,28 @@ def test_code_version_follows_the_modules_a_script_imports(tmp_path):
     assert code_version(evaluate, root=root) != reference
 
 
+def test_the_provenance_cache_keeps_only_current_files(tmp_path, monkeypatch):
+    import json
+
+    from segsynth import provenance
+
+    monkeypatch.setattr(provenance, "CACHE", tmp_path / "cache" / "provenance.json")
+    monkeypatch.setattr(provenance, "_cache", None)
+    module = tmp_path / "pkg" / "module.py"
+    module.parent.mkdir()
+    module.write_text("X = 1\n")
+    gone = tmp_path / "pkg" / "gone.py"
+    gone.write_text("Y = 2\n")
+    for path in (module, gone):
+        provenance._cached_analysis(path, tmp_path)
+    module.write_text("X = 12345\n")  # an edit: new size, new key
+    provenance._cached_analysis(module, tmp_path)
+    gone.unlink()
+    provenance._save_cache()
+    keys = list(json.loads(provenance.CACHE.read_text()))
+    assert len(keys) == 1 and keys[0].startswith(f"{module}|")
+
+
 def test_pretrained_weights_are_inputs(tmp_path):
     weights = tmp_path / "sd"
     (weights / "unet").mkdir(parents=True)

@@ -1,6 +1,7 @@
 """Random DDIM sampling, the sampler registry, the value score terms and one synthesis job end to end."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -96,3 +97,84 @@ def test_synthesis_writes_a_complete_deterministic_set(trained, tmp_path):
     synthesize(trained / "gen", trained / "data", "rd", SYNTHESIS, seed=2, out_dir=tmp_path / "c",
                value_model_dir=trained / "seg")
     assert not np.array_equal(images, np.load(tmp_path / "c" / "images.npy"))
+
+
+@pytest.mark.parametrize("method", ["rd", "vgd"])
+def test_a_killed_synthesis_job_resumes_to_the_same_bits(trained, tmp_path, method):
+    """Per-batch shards: a job stopped after one batch leaves that batch and no output; the rerun samples only
+    the rest and writes the set an uninterrupted job writes, bit for bit. Shards of another job are dropped."""
+    params = {**SYNTHESIS, "sampler": "ddim" if method == "rd" else "vgd"}
+    kwargs = {"value_model_dir": trained / "seg"}
+    whole = tmp_path / "whole"
+    synthesize(trained / "gen", trained / "data", method, params, seed=1, out_dir=whole, **kwargs)
+    assert not Path(f"{whole}.ckpt").exists()  # shards are removed with the output written
+
+    killed = tmp_path / "killed"
+    synthesize(trained / "gen", trained / "data", method, params, seed=1, out_dir=killed, stop_after=1, **kwargs)
+    assert not killed.exists()
+    shards = sorted(Path(f"{killed}.ckpt").glob("batch_*.json"))
+    assert [s.name for s in shards] == ["batch_0000000.json"]
+    calls = []
+    original = build_sampler(method, params).__class__.sample
+
+    def counting(self, generator, masks, *args, **kw):
+        calls.append(len(masks))
+        return original(self, generator, masks, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build_sampler(method, params).__class__, "sample", counting)
+        synthesize(trained / "gen", trained / "data", method, params, seed=1, out_dir=killed, **kwargs)
+    n = len(np.load(whole / "masks.npy"))
+    assert sum(calls) == n - params["batch_size"]  # the first batch came from its shard
+    for name in ("images.npy", "masks.npy"):
+        assert np.array_equal(np.load(whole / name), np.load(killed / name))
+    pd.testing.assert_frame_equal(pd.read_parquet(whole / "records.parquet"),
+                                  pd.read_parquet(killed / "records.parquet"))
+
+    # a shard of another job (another seed) is not reused
+    other = tmp_path / "other"
+    synthesize(trained / "gen", trained / "data", method, params, seed=2, out_dir=other, stop_after=1, **kwargs)
+    Path(f"{other}.ckpt").rename(Path(f"{killed}.ckpt"))
+    synthesize(trained / "gen", trained / "data", method, params, seed=1, out_dir=tmp_path / "killed", **kwargs)
+    assert np.array_equal(np.load(whole / "images.npy"), np.load(killed / "images.npy"))
+
+
+def test_gauda_reads_its_first_candidates_from_the_rd_set(trained, tmp_path, monkeypatch):
+    """GAUDA's candidate 0 is RD's sample of the same seed: read from the RD set, the set is the same (up to
+    the [0, 1] storage's rounding) and one DDIM pass per batch fewer runs."""
+    from segsynth.config import candidate_source
+    from segsynth.sampling.ddim import DDIMSampler
+
+    kwargs = {"value_model_dir": trained / "seg"}
+    rd = {**SYNTHESIS, "sampler": "ddim"}
+    gauda = {**SYNTHESIS, "sampler": "gauda", "oversample": 2}
+    synthesize(trained / "gen", trained / "data", "rd", rd, seed=1, out_dir=tmp_path / "rd", **kwargs)
+    calls = []
+    original = DDIMSampler.sample
+
+    def counting(self, *args, **kw):
+        calls.append(1)
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(DDIMSampler, "sample", counting)
+    synthesize(trained / "gen", trained / "data", "gauda", gauda, seed=1, out_dir=tmp_path / "alone", **kwargs)
+    alone_calls, calls[:] = len(calls), []
+    synthesize(trained / "gen", trained / "data", "gauda", gauda, seed=1, out_dir=tmp_path / "reused",
+               candidates_dir=tmp_path / "rd", **kwargs)
+    assert len(calls) == alone_calls // 2  # candidate 1 only
+    alone, reused = (pd.read_parquet(tmp_path / d / "records.parquet") for d in ("alone", "reused"))
+    assert (alone["selected_candidate"] == reused["selected_candidate"]).all()
+    np.testing.assert_allclose(np.load(tmp_path / "reused" / "images.npy"),
+                               np.load(tmp_path / "alone" / "images.npy"), atol=1e-6)
+    # another seed's RD set is refused: its masks are in another order
+    synthesize(trained / "gen", trained / "data", "rd", rd, seed=2, out_dir=tmp_path / "rd2", **kwargs)
+    with pytest.raises(Exception, match="not conditioned on this job's masks"):
+        synthesize(trained / "gen", trained / "data", "gauda", gauda, seed=1, out_dir=tmp_path / "bad",
+                   candidates_dir=tmp_path / "rd2", **kwargs)
+
+    config = {"run": {"methods": ["rd_eta0", "rd", "gauda"]}, "datasets": {"d": {}},
+              "synthesis": {"steps": 3, "eta": 0.5, "guidance_scale": 2.0, "budget": 1.0, "batch_size": 4},
+              "methods": {"rd": {"sampler": "ddim"}, "rd_eta0": {"sampler": "ddim", "eta": 0.0},
+                          "gauda": {"sampler": "gauda"}, "gauda_10": {"sampler": "gauda", "steps": 10}}}
+    assert candidate_source(config, "d", "gauda") == "rd"
+    assert candidate_source(config, "d", "gauda_10") is None and candidate_source(config, "d", "rd") is None

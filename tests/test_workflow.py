@@ -20,7 +20,7 @@ E2E_CONFIG = REPO / "tests" / "config" / "e2e.yaml"
 STAGES = {"splits", "train_generator", "train_segmenter_real", "synthesize", "mask_adherence",
           "train_segmenter_augmented", "evaluate_real", "evaluate_augmented", "main_table", "adherence_table",
           "dice_figure", "sample_figure", "train_miner", "adversarial_subset", "budget_table", "subset_table",
-          "budget_figure", "profile_segmenter", "segmenter_table"}
+          "budget_figure", "profile_segmenter", "segmenter_table", "budget_prefix", "fidelity", "fidelity_table"}
 
 
 def snakemake(*args, cwd, timeout=900):
@@ -41,10 +41,13 @@ def test_dry_run_of_the_default_config_lists_every_stage(tmp_path):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert STAGES <= set(counts)
-    # rd, vgd_fast and miner × 3 synthesis seeds, then rd and miner at 2× (one seed)
-    assert counts["synthesize"] == 3 * 3 + 2
+    # rd, vgd_fast and miner × 3 synthesis seeds, then rd and miner at 2× (one seed), of which rd and miner at 1×
+    # on that seed are the first halves of the 2× sets (nested budgets: one synthesis per method and seed)
+    assert counts["synthesize"] == 3 * 3 + 2 - 2 and counts["budget_prefix"] == 2
     # those, and RD's adversariality subsets at three thresholds (one seed)
     assert counts["train_segmenter_augmented"] == 3 * 3 + 2 + 3 and counts["train_miner"] == 1
+    # FID / KID / domain FID of each main synthetic set (methods × seeds), as mask adherence
+    assert counts["fidelity"] == counts["mask_adherence"] == 3 * 3 and counts["fidelity_table"] == 1
 
 
 def test_lint_is_clean():
@@ -91,6 +94,10 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     assert "| Baseline |" in markdown and "| rd |" in markdown and "±" in markdown
     adherence = pd.read_parquet(results / "tables" / "adherence.parquet")
     assert len(adherence) == 6 and {"method", "seed", "dice"} <= set(adherence.columns)
+    fidelity = pd.read_parquet(results / "tables" / "fidelity.parquet")
+    assert len(fidelity) == 6 * 4 and set(fidelity["metric"]) == {"fid", "kid_mean", "kid_std", "domain_fid"}
+    assert np.isfinite(fidelity["value"]).all() and (fidelity["n_real"] > 0).all() and (fidelity["n_samples"] > 0).all()
+    assert "| rd |" in (results / "tables" / "fidelity.md").read_text()
     budget = pd.read_parquet(results / "tables" / "budget.parquet")
     assert sorted(budget["budget"]) == [1.0, 2.0] and budget["delta_dice"].notna().all()
     subsets = pd.read_parquet(results / "tables" / "subsets.parquet")
@@ -155,7 +162,9 @@ def test_every_preset_validates_and_dry_runs(tmp_path, preset):
     methods = config["run"]["methods"]
     sweep = (config.get("analyses") or {}).get("budget")  # presets switch the analyses off with null
     extra = 0 if sweep is None else len(sweep["methods"]) * len(set(sweep["budgets"]) - {1}) * sweep["n_seed"]
-    assert job_counts(result.stdout)["synthesize"] == 3 * len(methods) + extra
+    counts = job_counts(result.stdout)
+    # every synthetic set is synthesised, or cut from its method's largest budget (nested budget sets)
+    assert counts["synthesize"] + counts.get("budget_prefix", 0) == 3 * len(methods) + extra
 
 
 def test_paper_preset_dry_runs_on_placeholder_datasets(tmp_path):
@@ -172,7 +181,9 @@ def test_paper_preset_dry_runs_on_placeholder_datasets(tmp_path):
     n_methods, sweep = len(preset["run"]["methods"]), preset["analyses"]["budget"]
     extra = len(sweep["methods"]) * (len(sweep["budgets"]) - 1) * sweep["n_seed"]
     assert counts["splits"] == 3 and counts["train_generator"] == 3
-    assert counts["synthesize"] == 3 * (3 * n_methods + extra)
+    # one synthesis per dataset, method and seed: the budget sweep's smaller budgets are prefixes of its largest
+    assert counts["synthesize"] + counts["budget_prefix"] == 3 * (3 * n_methods + extra)
+    assert counts["synthesize"] == 3 * 3 * n_methods
 
 
 def test_snakemake_profile_slurm_finds_the_profile_make_slurm_profile_installs(tmp_path):

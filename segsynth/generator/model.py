@@ -127,8 +127,9 @@ class MaskToImageGenerator(torch.nn.Module):
         """ε_φ(x_t, t | mask, prompt): ControlNet residuals added into the UNet, one call each."""
         down, mid = self.controlnet(x_t, t, encoder_hidden_states=prompt, controlnet_cond=cond_image,
                                     conditioning_scale=1.0, return_dict=False)
-        return self.unet(x_t, t, encoder_hidden_states=prompt, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=False)[0]
+        eps = self.unet(x_t, t, encoder_hidden_states=prompt, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid, return_dict=False)[0]
+        return eps.to(x_t.dtype)  # under autocast (segsynth.precision) the schedulers still work in float32
 
     def guided_noise(self, x_t, t, cond_image, prompt, uncond_prompt, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance; conditional and unconditional passes share one batched call."""
@@ -143,19 +144,23 @@ class MaskToImageGenerator(torch.nn.Module):
         """Diffusion variable → image in [-1, 1] (identity in pixel space)."""
         if self.vae is None:
             return x
-        image = self.vae.decode(x / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.vae.decode(x / self.vae.config.scaling_factor, return_dict=False)[0].to(x.dtype)
         if image.shape[1] != self.channels:  # an RGB VAE serving a grey dataset
             image = image.mean(dim=1, keepdim=True)
         return image
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image in [-1, 1] → diffusion variable (a latent sample in latent space)."""
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Image in [-1, 1] → diffusion variable (a latent sample in latent space: the posterior's mean + std·ε,
+        ε from ``generator`` as diffusers' ``latent_dist.sample`` draws it, or the given standard normal
+        ``noise`` of the latent's shape)."""
         if self.vae is None:
             return images
         if images.shape[1] != self.vae.config.in_channels:
             images = images.expand(-1, self.vae.config.in_channels, -1, -1)
         dist = self.vae.encode(images).latent_dist
-        return dist.sample(generator) * self.vae.config.scaling_factor
+        latent = dist.sample(generator) if noise is None else dist.mean + dist.std * noise.to(dist.mean)
+        return (latent * self.vae.config.scaling_factor).to(images.dtype)
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, directory, stats: dict | None = None) -> None:
@@ -180,7 +185,7 @@ class MaskToImageGenerator(torch.nn.Module):
         """Load a saved generator with ``from_pretrained``; the result is frozen and in eval mode."""
         directory = Path(directory)
         meta = read_json(directory / GENERATOR_META)
-        parts = _load_parts(directory, has_vae=(directory / "vae").exists(),
+        parts = load_parts(directory, has_vae=(directory / "vae").exists(),
                             has_text=(directory / "text_encoder").exists())
         parts["controlnet"] = ControlNetModel.from_pretrained(directory / "controlnet")
         parts["noise_scheduler"] = DDPMScheduler.from_pretrained(directory / "scheduler")
@@ -193,7 +198,7 @@ class MaskToImageGenerator(torch.nn.Module):
         return gen.eval()
 
 
-def _load_parts(root, has_vae: bool, has_text: bool) -> dict:
+def load_parts(root, has_vae: bool, has_text: bool) -> dict:
     """UNet, VAE, text encoder and tokenizer with ``from_pretrained`` from an SD-layout directory or hub id."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -218,7 +223,7 @@ def build_generator(cfg: dict, class_names: list[str], channels: int, resolution
             "resolution": [int(r) for r in resolution], "prompt_template": prompt_template}
     pretrained = cfg.get("pretrained")
     if pretrained:
-        parts = _load_parts(pretrained, has_vae=True, has_text=True)
+        parts = load_parts(pretrained, has_vae=True, has_text=True)
         unet = parts["unet"]
         factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
         if any(r % factor for r in meta["resolution"]):
@@ -236,8 +241,9 @@ def build_generator(cfg: dict, class_names: list[str], channels: int, resolution
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ConfigError("generators.*.pretrained", "samplers need an epsilon-predicting UNet, got "
                           f"prediction_type={noise_scheduler.config.prediction_type!r}")
-    # The conditioning embedding downsamples the mask by 2 per extra stage, to the UNet's input resolution.
-    cond_channels = [16 * 2**i for i in range(int(np.log2(factor)) + 1)]
+    # The conditioning embedding downsamples the mask by 2 per extra stage, to the UNet's input resolution: for
+    # SD's 8× VAE the ControlNet paper's (and diffusers' default) 16-32-96-256, else doubling widths from 16.
+    cond_channels = (16, 32, 96, 256) if factor == 8 else [16 * 2**i for i in range(int(np.log2(factor)) + 1)]
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cond_channels),
                                            conditioning_channels=num_classes)
     meta["cross_attention_dim"] = int(unet.config.cross_attention_dim)

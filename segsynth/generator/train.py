@@ -22,18 +22,23 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from ..data.canonical import load_split, read_meta
+from ..precision import autocast, compute_dtype, configure, grad_scaler
 from ..training import Checkpointer, default_device, set_torch_threads, step_rng, step_torch_generator
-from .model import build_generator
+from .model import load_parts, build_generator
 
 log = logging.getLogger(__name__)
 
 
 def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: str = "{classes}",
-                    checkpoint_dir=None, threads: int = 1, stop_after: int | None = None) -> dict:
+                    checkpoint_dir=None, threads: int = 1, stop_after: int | None = None,
+                    precision: str = "fp32", cpu_autocast: bool = False) -> dict:
     """Train the generator described by ``cfg`` on the train split of ``data_dir``; save it to ``out_dir``.
 
     ``stop_after`` ends the run after that many steps without writing the output (tests use it to simulate a
-    killed job). Returns training statistics, also written to ``out_dir/train_stats.json``.
+    killed job). ``precision`` (segsynth.precision; float32 on a CPU unless ``cpu_autocast``): forward passes
+    under autocast, and, as ``train_controlnet.py`` does, the frozen networks stored in the reduced dtype; the
+    trained networks, the EMA and the optimiser stay float32. Returns training statistics, also written to
+    ``out_dir/train_stats.json``.
     """
     set_torch_threads(threads)
     train_cfg = cfg["training"]
@@ -54,23 +59,43 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     for module in trainable:
         module.requires_grad_(True)
     params = [p for m in trainable for p in m.parameters()]
+    configure(precision, device)
+    dtype = compute_dtype(precision, device, cpu_autocast)
+    cast_frozen = []
+    if dtype is not None:
+        for name in ("unet", "vae", "text_encoder"):
+            module = getattr(generator, name)
+            if module is not None and not any(module is m for m in trainable):
+                module.to(dtype)
+                cast_frozen.append(name)
+    if train_cfg.get("gradient_checkpointing"):
+        # diffusers' switch: activations recomputed in the backward pass (memory for time, same numbers)
+        for module in (generator.controlnet, generator.unet):
+            if any(module is m for m in trainable):
+                module.enable_gradient_checkpointing()
 
     optimizer = torch.optim.AdamW(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=train_cfg["warmup_steps"])
     objects = {"trainable": torch.nn.ModuleList(trainable), "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+    scaler = grad_scaler(dtype, device)
+    if scaler.is_enabled():  # float16: the loss scale resumes too
+        objects["scaler"] = scaler
     ema = None
     if train_cfg["ema_decay"] > 0:
         ema = EMAModel(params, decay=train_cfg["ema_decay"], use_ema_warmup=True)
         objects["ema"] = ema
     checkpointer = Checkpointer(checkpoint_dir, train_cfg["checkpoint_every"], objects)
     start = checkpointer.restore()
+    if ema is not None:
+        # the checkpoint was read to the CPU, and EMAModel keeps the tensors it is given: back to the model's device
+        ema.to(device)
 
     steps, batch_size = train_cfg["steps"], train_cfg["batch_size"]
     scheduler = generator.noise_scheduler
     images_all = torch.from_numpy(np.ascontiguousarray(data.images)) * 2 - 1
     masks_all = torch.from_numpy(np.ascontiguousarray(data.masks))
     generator.train()
-    losses = []
+    losses, pending = [], []
     began = time.time()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="generator", mininterval=10):
         idx = step_rng(seed, step).integers(0, len(images_all), size=batch_size)
@@ -82,32 +107,40 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
             masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
         images, masks = images.to(device), masks.to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dtype, device):
             x0 = generator.encode(images, g)  # diffusers draws CPU-generator noise on the CPU and moves it
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g).to(device)
         x_t = scheduler.add_noise(x0, noise, t)
-        drop = (torch.rand(batch_size, generator=g) < train_cfg["prompt_dropout"]).to(device)
-        prompt = generator.encode_prompt(masks)
-        if drop.any():
-            uncond = generator.encode_prompt(masks, unconditional=True)
-            prompt = torch.where(drop.view(-1, 1, 1), uncond, prompt)
-        eps = generator.predict_noise(x_t, t, generator.mask_condition(masks), prompt)
+        drop = torch.rand(batch_size, generator=g) < train_cfg["prompt_dropout"]
+        with autocast(dtype, device):
+            prompt = generator.encode_prompt(masks)
+        if drop.any():  # decided on the CPU, where it was drawn: no wait for the GPU
+            with autocast(dtype, device):
+                uncond = generator.encode_prompt(masks, unconditional=True)
+            prompt = torch.where(drop.to(device).view(-1, 1, 1), uncond, prompt)
+        with autocast(dtype, device):
+            eps = generator.predict_noise(x_t, t, generator.mask_condition(masks), prompt)
         loss = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
         if train_cfg.get("snr_gamma"):
             # Min-SNR-γ weighting (Hang et al. 2023, as in diffusers' training examples): min(SNR, γ)/SNR for ε.
             snr = compute_snr(scheduler, t)
             loss = loss * torch.clamp(snr, max=train_cfg["snr_gamma"]) / snr
         loss = loss.mean()
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, train_cfg["grad_clip"])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
-        losses.append(loss.item())
+        pending.append(loss.detach())
         done = step + 1
+        if done % 50 == 0 or done == steps:  # reading a loss waits for the GPU: every 50 steps only
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
         if done % 50 == 0:
             log.info("step %d/%d loss %.4f", done, steps, np.mean(losses[-50:]))
         checkpointer.maybe_save(done, steps)
@@ -117,7 +150,13 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
 
     if ema is not None:
         ema.copy_to(params)
-    generator.to("cpu")
+    generator.to("cpu", torch.float32)
+    if cast_frozen:
+        # the frozen networks were rounded to the reduced dtype for speed: save the pretrained float32 weights
+        parts = load_parts(cfg["pretrained"], has_vae=generator.vae is not None,
+                            has_text=generator.text_encoder is not None)
+        for name in cast_frozen:
+            setattr(generator, name, parts[name])
     generator.requires_grad_(False)
     generator.eval()
     stats = {"steps": steps, "resumed_from": start, "seconds": round(time.time() - began, 2),

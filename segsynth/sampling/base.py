@@ -20,6 +20,40 @@ def per_sample_randn(shape: tuple[int, ...], generators: list[torch.Generator]) 
     return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
 
 
+class NoiseStream:
+    """Per-sample standard normal draws of one shape, in order, on ``device``.
+
+    Each sample's draws come from its own CPU generator, so they are the same numbers on any device and in any
+    batch. They are drawn ahead in blocks of ``ahead`` draws and moved to the device once per block: a sampler
+    that takes one draw per step then never waits for a host-to-device copy inside its loop. Drawing ahead
+    does not change any number: the k-th :meth:`next` of a sample is its generator's k-th draw, as long as
+    every consumer of the generators takes its draws through the stream."""
+
+    def __init__(self, noise_seeds: list[int], shape: tuple[int, ...], device, ahead: int = 1):
+        self.generators = sample_generators(noise_seeds)
+        self.shape = tuple(shape)
+        self.device = torch.device(device)
+        self.ahead = max(1, int(ahead))
+        self._block: torch.Tensor | None = None
+        self._used = 0
+
+    def _refill(self) -> None:
+        per_sample = [torch.stack([torch.randn(self.shape[1:], generator=g) for _ in range(self.ahead)])
+                      for g in self.generators]
+        block = torch.stack(per_sample, dim=1)  # (ahead, B, ...)
+        if self.device.type == "cuda":
+            block = block.pin_memory().to(self.device, non_blocking=True)
+        self._block, self._used = block, 0
+
+    def next(self) -> torch.Tensor:
+        """The next (B, ...) draw: row b is sample b's next draw."""
+        if self._block is None or self._used == len(self._block):
+            self._refill()
+        draw = self._block[self._used]
+        self._used += 1
+        return draw
+
+
 def noise_seed(seed: int, sample_index: int) -> int:
     """The seed of one synthetic sample's noise, derived from the synthesis seed and the sample's index."""
     return int(np.random.SeedSequence([seed, sample_index]).generate_state(1, dtype=np.uint64)[0] >> 1)

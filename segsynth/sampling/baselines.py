@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import Sampler, noise_seed, per_sample_randn, register_sampler
+from .base import Sampler, noise_seed, register_sampler
 from .ddim import DDIMSampler, DDIMTrajectory
 from .value import margin_uncertainty, normalised_cross_entropy, value_terms
 
@@ -114,11 +114,12 @@ def _norms(update: torch.Tensor) -> torch.Tensor:
     return update.flatten(1).norm(dim=1)
 
 
-def _encode(generator, images: torch.Tensor, rngs: list[torch.Generator]) -> torch.Tensor:
-    """Real images → diffusion variable, a latent sample drawn from each sample's own stream."""
-    if not generator.latent_space:
+def _encode(traj: DDIMTrajectory, images: torch.Tensor) -> torch.Tensor:
+    """Real images → diffusion variable: the VAE posterior's mean + std·ε, ε the next draw of each sample's
+    stream (diffusers' ``latent_dist.sample``, with the noise taken through the stream)."""
+    if not traj.generator.latent_space:
         return images
-    return torch.cat([generator.encode(images[b:b + 1], rngs[b]) for b in range(len(images))])
+    return traj.generator.encode(images, noise=traj.next_noise())
 
 
 def _require_sources(name: str, source_images, masks) -> torch.Tensor:
@@ -171,13 +172,13 @@ class _GradientGuided(_Baseline):
         traj = self._trajectory(generator, masks, noise_seeds)
         objective = self.objective(value_model, masks.to(traj.x.device))
         self.start(traj)
-        norms = torch.zeros(len(masks))
+        norms = torch.zeros(len(masks), device=traj.x.device)
         for i, t in enumerate(traj.timesteps):
-            norms += self.guided_step(traj, t, objective, i).cpu()
+            norms += self.guided_step(traj, t, objective, i)
         norms /= len(traj.timesteps)
         with torch.no_grad():
             images = traj.decode()
-        return images.detach(), [{"guidance_norm": float(n)} for n in norms]
+        return images.detach(), [{"guidance_norm": n} for n in norms.tolist()]
 
 
 class _ScoreGuided(_GradientGuided):
@@ -194,7 +195,6 @@ class _ScoreGuided(_GradientGuided):
         g = guidance_gradient(traj, traj.x, t, objective)
         guided_eps = g.eps - self.params["scale"] * math.sqrt(1.0 - alpha_bar(traj.scheduler, t)) * g.grad
         noise = traj.step_noise()
-        noise = None if noise is None else noise.to(traj.x)
         step = traj.scheduler.step
         plain = step(g.eps, t, traj.x, eta=traj.eta, variance_noise=noise).prev_sample
         guided = step(guided_eps, t, traj.x, eta=traj.eta, variance_noise=noise).prev_sample
@@ -303,7 +303,7 @@ class TFGSampler(_GradientGuided):
             with torch.no_grad():
                 x_prev = traj.step(eps, t, x).prev_sample + update
             if r + 1 < int(self.params["recurrence"]):
-                renoise = per_sample_randn(x.shape, traj.rngs).to(x)
+                renoise = traj.next_noise()
                 x = math.sqrt(alpha_step) * x_prev + math.sqrt(1.0 - alpha_step) * renoise
         traj.x = x_prev
         return _norms(update)
@@ -372,7 +372,7 @@ class DiffAugSampler(_Baseline):
         steps = len(traj.timesteps)
         remaining = min(int(steps * self.params["strength"]), steps)
         timesteps = traj.timesteps[steps - remaining:]
-        x0 = _encode(generator, sources.to(traj.x), traj.rngs)
+        x0 = _encode(traj, sources.to(traj.x))
         start = int(timesteps[0]) if remaining else -1
         if remaining:
             traj.x = traj.scheduler.add_noise(x0, traj.x_T.to(x0), timesteps[:1])
@@ -418,7 +418,7 @@ class AugPaintSampler(_Baseline):
     def sample(self, generator, masks, noise_seeds, value_model=None, source_images=None):
         sources = _require_sources(self.NAME, source_images, masks)
         traj = self._trajectory(generator, masks, noise_seeds)
-        x0 = _encode(generator, sources.to(traj.x), traj.rngs)
+        x0 = _encode(traj, sources.to(traj.x))
         known = self.known_region(masks, traj.x.shape[-2:]).to(traj.x)
         jumps = int(self.params["jumps"])
         for t in traj.timesteps:
@@ -428,18 +428,18 @@ class AugPaintSampler(_Baseline):
             for u in range(jumps):
                 unknown = traj.step(traj.noise(traj.x, t), t, traj.x).prev_sample
                 if prev >= 0:
-                    noise = per_sample_randn(x0.shape, traj.rngs).to(x0)
+                    noise = traj.next_noise()
                     known_x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * noise
                 else:
                     known_x = x0
                 x_prev = known * known_x + (1.0 - known) * unknown
                 if u + 1 < jumps:
-                    renoise = per_sample_randn(x0.shape, traj.rngs).to(x0)
+                    renoise = traj.next_noise()
                     traj.x = math.sqrt(alpha_step) * x_prev + math.sqrt(1.0 - alpha_step) * renoise
             traj.x = x_prev
         images = traj.decode()
         fraction = known.flatten(1).mean(1)
-        return images, [{"jumps": jumps, "known_fraction": float(f)} for f in fraction]
+        return images, [{"jumps": jumps, "known_fraction": f} for f in fraction.tolist()]
 
 
 def candidate_seed(seed: int, k: int) -> int:
@@ -467,6 +467,12 @@ class GAUDASampler(_Baseline):
     DEFAULTS = {"oversample": 4}
     needs_value_model = True
 
+    def __init__(self, params: dict):
+        super().__init__(params)
+        #: the next batch's candidate 0 when another job already sampled it (the run's RD set: see
+        #: ``segsynth.config.candidate_source``); images in [-1, 1], used by one ``sample`` call
+        self.first_candidates: torch.Tensor | None = None
+
     def check(self):
         if int(self.params["oversample"]) < 1:
             self._fail("oversample", "must be ≥ 1")
@@ -479,16 +485,22 @@ class GAUDASampler(_Baseline):
         rd = DDIMSampler(self.params)
         real_margin = margin_uncertainty(value_model(sources))
         candidates, scores = [], []
+        first, self.first_candidates = self.first_candidates, None
         for k in range(int(self.params["oversample"])):
-            images, _ = rd.sample(generator, masks, [candidate_seed(s, k) for s in noise_seeds])
+            if k == 0 and first is not None:
+                if len(first) != len(masks):
+                    raise ValueError(f"{len(first)} first candidates for {len(masks)} masks")
+                images = first.to(sources)
+            else:
+                images, _ = rd.sample(generator, masks, [candidate_seed(s, k) for s in noise_seeds])
             candidates.append(images)
             scores.append(margin_uncertainty(value_model(images.to(sources))) / real_margin.clamp_min(1e-6))
         scores = torch.stack(scores)                       # (K, B)
         best = scores.argmax(0)                            # first maximum on ties
         stacked = torch.stack(candidates)                  # (K, B, C, H, W)
-        chosen = stacked[best, torch.arange(len(masks))]
-        records = [{"selected_score": float(scores[best[b], b]),
-                    "candidate_score_mean": float(scores[:, b].mean()),
-                    "selected_candidate": int(best[b]), "real_margin": float(real_margin[b])}
-                   for b in range(len(masks))]
+        columns = torch.arange(len(masks), device=best.device)
+        chosen = stacked[best, columns]
+        selected, means = scores[best, columns].tolist(), scores.mean(0).tolist()
+        records = [{"selected_score": s, "candidate_score_mean": m, "selected_candidate": k, "real_margin": r}
+                   for s, m, k, r in zip(selected, means, best.tolist(), real_margin.tolist())]
         return chosen, records

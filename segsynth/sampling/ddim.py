@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Sampler, per_sample_randn, register_sampler, sample_generators
+from .base import NoiseStream, Sampler, register_sampler
 
 
 class DDIMTrajectory:
@@ -18,18 +18,24 @@ class DDIMTrajectory:
         self.generator = generator
         self.eta = eta
         self.guidance_scale = guidance_scale
-        self.rngs = sample_generators(noise_seeds)
+        device = generator.device
         self.scheduler = generator.sampling_scheduler()
+        # The scheduler's timesteps stay on the CPU: DDIMScheduler.step looks its ᾱ up with them, and a CPU
+        # index never waits for the GPU. The denoiser gets the same timestep as a device tensor, made here once
+        # (a CPU timestep would be copied to the GPU, and the host would wait, at every UNet call).
         self.scheduler.set_timesteps(steps)
+        self._device_timesteps = dict(zip(self.scheduler.timesteps.tolist(), self.scheduler.timesteps.to(device)))
         with torch.no_grad():
             self.cond = generator.mask_condition(masks)
             self.prompt = generator.encode_prompt(masks)
             self.uncond = generator.encode_prompt(masks, unconditional=True) if guidance_scale != 1.0 else None
         shape = generator.latent_shape(len(masks))
-        # x_T is the first draw of each sample's stream, so a sampler that replaces it (the Miner) keeps the rest.
-        # Noise is drawn on the CPU from each sample's stream and moved, so a GPU run draws the same numbers.
-        x_T = per_sample_randn(shape, self.rngs).to(generator.device)
-        self.x_T = x_T if initial_noise is None else initial_noise.to(generator.device)
+        # Each sample's stream: x_T first, then one σ_t·ε per step (η > 0), then whatever a sampler draws more
+        # (re-noising, VAE encoding), in the order it asks; a sampler that replaces x_T (the Miner) keeps the
+        # rest. Blocks of 1 + steps draws: what RD uses in one copy to the device (unused draws cost nothing).
+        self.noise_stream = NoiseStream(noise_seeds, shape, device, ahead=1 + len(self.timesteps))
+        x_T = self.noise_stream.next()
+        self.x_T = x_T if initial_noise is None else initial_noise.to(device)
         self.x = self.x_T * self.scheduler.init_noise_sigma
 
     @property
@@ -37,11 +43,16 @@ class DDIMTrajectory:
         return self.scheduler.timesteps
 
     def noise(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        t = self._device_timesteps.get(int(t), t)
         return self.generator.guided_noise(x_t, t, self.cond, self.prompt, self.uncond, self.guidance_scale)
+
+    def next_noise(self) -> torch.Tensor:
+        """The next standard normal draw of every sample's stream, (B, ...) on the device."""
+        return self.noise_stream.next()
 
     def step_noise(self) -> torch.Tensor | None:
         """The σ_t·ε noise of one DDIM step (eq. 10), drawn from each sample's own stream."""
-        return per_sample_randn(self.x.shape, self.rngs).to(self.x.device) if self.eta > 0 else None
+        return self.next_noise() if self.eta > 0 else None
 
     def step(self, eps: torch.Tensor, t, x_t: torch.Tensor):
         """One DDIM update x_t → x̃_{t−1}; returns diffusers' output (prev_sample, pred_original_sample)."""

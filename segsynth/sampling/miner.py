@@ -41,8 +41,9 @@ class MinerSampler(Sampler):
         traj.x = traj.x_T * traj.scheduler.init_noise_sigma
         for t in traj.timesteps:
             traj.x = traj.step(traj.noise(traj.x, t), t, traj.x).prev_sample
-        kl = gaussian_kl(delta_mu, delta_sigma)
-        records = [{"miner_max_shift": float(delta_mu[b].abs().max()),
-                    "miner_max_delta_sigma": float(delta_sigma[b].abs().max()),
-                    "miner_kl": float(kl[b])} for b in range(len(noise_seeds))]
+        shift = delta_mu.abs().flatten(1).amax(1).tolist()
+        widening = delta_sigma.abs().flatten(1).amax(1).tolist()
+        kl = gaussian_kl(delta_mu, delta_sigma).tolist()
+        records = [{"miner_max_shift": m, "miner_max_delta_sigma": d, "miner_kl": k}
+                   for m, d, k in zip(shift, widening, kl)]
         return traj.decode(), records

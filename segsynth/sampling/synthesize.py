@@ -8,8 +8,12 @@ image under the frozen real-only segmenter f_θ) and ``meta.json``. Written atom
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +22,9 @@ from tqdm.auto import tqdm
 
 from ..data.canonical import load_split
 from ..generator import MaskToImageGenerator
-from ..io import atomic_dir, save_array, write_json, write_parquet
+from ..config import science
+from ..precision import autocast, compute_dtype, configure
+from ..io import atomic_dir, read_json, save_array, write_json, write_parquet
 from ..training import default_device, set_torch_threads
 from .base import build_sampler, noise_seed
 from .value import value_terms
@@ -36,11 +42,23 @@ def conditioning_sources(n_train: int, budget: float, seed: int) -> np.ndarray:
 
 
 def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, out_dir, value_model_dir=None,
-               threads: int = 1, miner_dir=None) -> pd.DataFrame:
-    """Run the sampler of ``method`` and write the synthetic set to ``out_dir``; returns its records."""
+               threads: int = 1, miner_dir=None, checkpoint_dir=None, stop_after: int | None = None,
+               precision: str = "fp32", cpu_autocast: bool = False, candidates_dir=None) -> pd.DataFrame:
+    """Run the sampler of ``method`` and write the synthetic set to ``out_dir``; returns its records.
+
+    Every batch is written as a shard to ``checkpoint_dir`` (default ``<out_dir>.ckpt``) as soon as it is
+    sampled, so a killed job resumes at the first sample no shard holds; a sample depends on its seed alone,
+    so the resumed set is the set an uninterrupted job writes. Shards of another job (other settings or other
+    models) are discarded. ``stop_after`` ends the job after that many batches of this attempt, leaving the
+    shards and no output (tests simulate a kill with it). ``precision`` (segsynth.precision; float32 on a CPU
+    unless ``cpu_autocast``): the frozen generator in the reduced dtype, sampling and guidance under autocast.
+    ``candidates_dir``: a synthetic set whose images are GAUDA's first candidates by construction (the run's RD
+    set with the same settings and seed, ``segsynth.config.candidate_source``); they are read, not sampled."""
     set_torch_threads(threads)
     device = default_device()
-    generator = MaskToImageGenerator.load(generator_dir).to(device)
+    configure(precision, device)
+    dtype = compute_dtype(precision, device, cpu_autocast)
+    generator = MaskToImageGenerator.load(generator_dir).to(device, dtype)
     sampler = build_sampler(method, params)
     value_model = None
     if value_model_dir is not None:
@@ -56,35 +74,133 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
 
     train = load_split(data_dir, "train")
     sources = conditioning_sources(len(train.masks), params["budget"], seed)
+    candidates = None
+    if candidates_dir is not None:
+        candidates = _first_candidates(candidates_dir, train.index["sample_id"].to_numpy()[sources])
+    job = {"method": method, "params": science("synthesis", params), "seed": seed, "n": len(sources),
+           "precision": str(dtype),
+           "inputs": inputs_fingerprint([generator_dir, data_dir, value_model_dir, miner_dir, candidates_dir])}
+    shards = ShardStore(checkpoint_dir or f"{out_dir}.ckpt", job)
     batch = params["batch_size"]
-    images, records = [], []
-    began = time.time()
-    for start in tqdm(range(0, len(sources), batch), desc=f"{method} seed {seed}", mininterval=10):
-        idx = np.arange(start, min(start + batch, len(sources)))
+    done = shards.done()
+    if done:
+        log.info("%s seed %d: resuming at sample %d of %d (shards in %s)", method, seed, done, len(sources),
+                 shards.directory)
+    for count, begin in enumerate(tqdm(range(done, len(sources), batch), desc=f"{method} seed {seed}",
+                                       mininterval=10)):
+        if stop_after is not None and count >= stop_after:
+            return pd.DataFrame()
+        began = time.time()
+        idx = np.arange(begin, min(begin + batch, len(sources)))
         masks = torch.from_numpy(np.ascontiguousarray(train.masks[sources[idx]])).to(device)
         source_images = torch.from_numpy(np.ascontiguousarray(train.images[sources[idx]])).to(device) * 2 - 1
-        x, extra = sampler.sample(generator, masks, [noise_seed(seed, int(i)) for i in idx], value_model,
-                                  source_images)
+        if candidates is not None:
+            sampler.first_candidates = torch.from_numpy(candidates[idx]).to(device) * 2 - 1
+        with autocast(dtype, device):
+            x, extra = sampler.sample(generator, masks, [noise_seed(seed, int(i)) for i in idx], value_model,
+                                      source_images)
+            x = x.float()
+            if value_model is not None:
+                with torch.no_grad():
+                    terms = {k: v.tolist() for k, v in value_terms(value_model(x), masks).items()}
         if value_model is not None:
-            with torch.no_grad():
-                terms = value_terms(value_model(x), masks)
-            for row, j in zip(extra, range(len(idx))):
-                row.update({k: float(v[j]) for k, v in terms.items()})
-        images.append(((x.detach() + 1) / 2).clamp(0, 1).cpu().numpy().astype(np.float32))
-        records.extend(extra)
-    seconds = time.time() - began
+            for j, row in enumerate(extra):
+                row.update({k: v[j] for k, v in terms.items()})
+        images = ((x.detach() + 1) / 2).clamp(0, 1).cpu().numpy().astype(np.float32)
+        shards.write(int(idx[0]), images, extra, time.time() - began)
 
+    images, records, seconds = shards.read()
     frame = pd.DataFrame(records)
     frame.insert(0, "sample_id", [f"{method}_seed{seed}_{i:05d}" for i in range(len(sources))])
     frame.insert(1, "source_sample_id", train.index["sample_id"].to_numpy()[sources])
     frame.insert(2, "method", method)
     frame.insert(3, "seed", seed)
     with atomic_dir(out_dir) as tmp:
-        save_array(tmp / "images.npy", np.concatenate(images))
+        save_array(tmp / "images.npy", images)
         save_array(tmp / "masks.npy", train.masks[sources].astype(np.uint8))
         write_parquet(tmp / "records.parquet", frame)
         write_json(tmp / "meta.json", {"method": method, "params": params, "seed": seed, "n": len(sources),
                                        "seconds": round(seconds, 2),
                                        "seconds_per_image": round(seconds / max(1, len(sources)), 4)})
-    log.info("%s seed %d: %d samples in %.1f s", method, seed, len(sources), seconds)
+    shards.remove()
+    log.info("%s seed %d: %d samples in %.1f s of sampling", method, seed, len(sources), seconds)
     return frame
+
+
+def _first_candidates(directory, source_ids: np.ndarray) -> np.ndarray:
+    """The images of the synthetic set ``directory``, checked to be conditioned on the same masks in order."""
+    from ..errors import InputDataError
+    from ..synthetic_set import load_synthetic_set
+
+    reused = load_synthetic_set(directory)
+    if not np.array_equal(reused.records["source_sample_id"].to_numpy(), source_ids):
+        raise InputDataError(Path(directory) / "records.parquet",
+                             "its samples are not conditioned on this job's masks in this job's order")
+    return reused.images
+
+
+def inputs_fingerprint(paths) -> str:
+    """A hash of the files under ``paths`` (relative path, size, modification time): a retrained generator or
+    f_θ gives another fingerprint, so shards sampled from the old one are not reused."""
+    digest = hashlib.sha256()
+    for root in paths:
+        if root is None:
+            digest.update(b"-")
+            continue
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root.parent)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class ShardStore:
+    """The per-batch shards of one synthesis job: ``batch_<first sample>.npy`` (images) and ``.json`` (records,
+    sampling seconds), each written atomically, the JSON last, so a shard counts once its JSON exists.
+    ``job.json`` names the job; a store that belongs to another job is emptied on opening."""
+
+    def __init__(self, directory, job: dict):
+        self.directory = Path(directory)
+        self.job = json.loads(json.dumps(job, sort_keys=True))  # as job.json reads back (tuples → lists)
+        job_file = self.directory / "job.json"
+        if self.directory.exists() and (not job_file.exists() or read_json(job_file) != job):
+            log.info("discarding the shards in %s: they belong to another synthesis job", self.directory)
+            shutil.rmtree(self.directory)
+        if not job_file.exists():
+            write_json(job_file, job)
+
+    def _shards(self) -> list[dict]:
+        shards = [read_json(p) for p in sorted(self.directory.glob("batch_*.json"))]
+        return sorted(shards, key=lambda shard: shard["start"])
+
+    def done(self) -> int:
+        """The number of leading samples the shards hold without a gap."""
+        end = 0
+        for shard in self._shards():
+            if shard["start"] != end:
+                break
+            end = shard["start"] + len(shard["records"])
+        return end
+
+    def write(self, start: int, images: np.ndarray, records: list[dict], seconds: float) -> None:
+        save_array(self.directory / f"batch_{start:07d}.npy", images)
+        write_json(self.directory / f"batch_{start:07d}.json",
+                   {"start": start, "records": records, "seconds": seconds})
+
+    def read(self) -> tuple[np.ndarray, list[dict], float]:
+        """(images, records, sampling seconds) of the leading shards, in sample order."""
+        images, records, seconds, end = [], [], 0.0, 0
+        for shard in self._shards():
+            if shard["start"] != end:
+                break
+            images.append(np.load(self.directory / f"batch_{shard['start']:07d}.npy"))
+            records.extend(shard["records"])
+            seconds += shard["seconds"]
+            end += len(shard["records"])
+        if end != self.job["n"]:
+            raise RuntimeError(f"{self.directory}: shards hold {end} of {self.job['n']} samples")
+        return np.concatenate(images), records, seconds
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Sampler, per_sample_randn, register_sampler
+from .base import NoiseStream, Sampler, register_sampler
 from .ddim import DDIMTrajectory
 from .value import value_terms
 
@@ -227,16 +227,21 @@ class VGDSampler(Sampler):
         o = self.opts
         traj = DDIMTrajectory(generator, masks, noise_seeds, self.params["steps"], self.params["eta"],
                               self.params["guidance_scale"])
-        rngs = [torch.Generator().manual_seed(vgd_seed(s)) for s in noise_seeds]
         decode = self.guidance_decoder(generator)
-        masks = masks.long()
+        masks = masks.long().to(traj.x.device)
         batch = len(noise_seeds)
         steps = len(traj.timesteps)
-        shape = tuple(traj.x.shape)
+        device = traj.x.device
+        repeats_at = [o["time_travel"] if in_window(i, steps, o["window"]) else 0 for i in range(steps)]
+        # The second stream holds, per repeat, ε′ of eq. 13 and (η > 0) the DDIM noise of the repeated update:
+        # all of them drawn ahead in one block.
+        second = NoiseStream([vgd_seed(s) for s in noise_seeds], tuple(traj.x.shape), device,
+                             ahead=sum(repeats_at) * (2 if traj.eta > 0 else 1))
         s_bar = None
-        guided = torch.zeros(batch, dtype=torch.long)
-        focus_sum = torch.zeros(batch, dtype=torch.float64)
-        max_ratio = torch.zeros(batch, dtype=torch.float64)
+        # Per-sample records accumulate on the device and are read once, at the end.
+        guided = torch.zeros(batch, dtype=torch.long, device=device)
+        focus_sum = torch.zeros(batch, dtype=torch.float64, device=device)
+        max_ratio = torch.zeros(batch, dtype=torch.float64, device=device)
         self.trace = []
 
         for i, t in enumerate(traj.timesteps):
@@ -244,7 +249,7 @@ class VGDSampler(Sampler):
             alpha = alpha_bar / alpha_bar_prev  # effective one-step α_t of the jump t → t_prev
             radius = o["k"] * float(1 - alpha) ** 0.5  # ε_t = k·√β_t, eq. 12
             guide = in_window(i, steps, o["guidance_window"])
-            repeats = o["time_travel"] if in_window(i, steps, o["window"]) else 0
+            repeats = repeats_at[i]
             x_t = traj.x
             for r in range(repeats + 1):
                 if guide:
@@ -256,7 +261,7 @@ class VGDSampler(Sampler):
                     if r == 0:  # the DDIM stream's draw of this step, as RD makes it
                         x_tilde = traj.step(eps, t, x_t).prev_sample
                     else:
-                        noise = per_sample_randn(shape, rngs) if traj.eta > 0 else None
+                        noise = second.next() if traj.eta > 0 else None
                         x_tilde = traj.scheduler.step(eps, t, x_t, eta=traj.eta, variance_noise=noise).prev_sample
                     if guide:
                         x_prev, s_bar = self._guided_update(x_tilde, grad, s_bar, radius, i, int(t), r, value)
@@ -266,14 +271,14 @@ class VGDSampler(Sampler):
                     else:
                         x_prev = x_tilde
                     if r < repeats:  # time-travel, eq. 13
-                        x_t = alpha ** 0.5 * x_prev + (1 - alpha) ** 0.5 * per_sample_randn(shape, rngs)
+                        x_t = alpha ** 0.5 * x_prev + (1 - alpha) ** 0.5 * second.next()
             traj.x = x_prev
 
         with torch.no_grad():
             images = traj.decode()
-        records = [{"guided_steps": int(guided[b]),
-                    "mean_focus": float(focus_sum[b] / guided[b]) if guided[b] else 0.0,
-                    "max_trust_ratio": float(max_ratio[b])} for b in range(batch)]
+        mean_focus = torch.where(guided > 0, focus_sum / guided.clamp_min(1), torch.zeros_like(focus_sum))
+        records = [{"guided_steps": g, "mean_focus": f, "max_trust_ratio": m}
+                   for g, f, m in zip(guided.tolist(), mean_focus.tolist(), max_ratio.tolist())]
         return images, records
 
     def _guided_update(self, x_tilde, grad, s_bar, radius: float, step: int, t: int, repeat: int, value):

@@ -20,12 +20,14 @@ from .base import (STATS_FILE, Segmenter, SyntheticSet, TorchSegmenter, load_syn
 from .lightweight import ORDER, MKUNet
 from .monai_nets import MonaiBasicUNet, MonaiUNet
 from .nnunet import NnUNetSegmenter
+from .protocol import PROTOCOL_KEYS, protocol_of, validation_cases
 from .swin_unet import SwinUNet
 
 __all__ = [
     "SEGMENTERS", "Segmenter", "TorchSegmenter", "SyntheticSet", "MonaiUNet", "MonaiBasicUNet", "MKUNet", "ORDER",
     "SwinUNet", "NnUNetSegmenter",
     "get_segmenter_class", "load_segmenter", "load_synthetic_set", "train_segmenter", "STATS_FILE",
+    "PROTOCOL_KEYS", "protocol_of", "validation_cases", "real_only_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,26 @@ def load_segmenter(model_dir) -> Segmenter:
     return get_segmenter_class(read_model_meta(model_dir)["kind"]).load(model_dir)
 
 
+def real_only_settings(entry: dict) -> dict:
+    """A segmenter entry without its protocol keys: what a real-only model depends on (the protocol only
+    changes real + synthetic training, so editing it never retrains the Baseline or f_θ)."""
+    return {key: value for key, value in entry.items() if key not in PROTOCOL_KEYS}
+
+
 def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Iterable = (),
-                    checkpoint_dir=None, threads: int = 1) -> None:
-    """Train one segmenter on the real training split pooled with the given synthetic sets.
+                    checkpoint_dir=None, threads: int = 1, precision: str = "fp32", init_dir=None) -> None:
+    """Train one segmenter on the real training split and the given synthetic sets.
+
+    ``protocol: scratch`` (the default): a fresh network on the real training split pooled with the synthetic
+    sets. ``protocol: continue`` with synthetic sets: start from the real-only model ``init_dir`` and continue on
+    1:1 real:synthetic batches with paired CutMix, validating on cases carved from the real training split
+    (``validation_cases``) and saving the best-validated weights (segsynth.segmenters.protocol). Without
+    synthetic sets (the real-only model) the protocol does not apply.
 
     Writes the model directory ``out_dir`` (with ``train_stats.json``) atomically. Progress is
     checkpointed in ``checkpoint_dir`` (default ``<out_dir>.ckpt``), so a killed job resumes where it
-    stopped; the checkpoints are deleted once the model is saved.
+    stopped; the checkpoints are deleted once the model is saved. ``precision`` (segsynth.precision) is the
+    autocast setting of the registry's PyTorch trainers (nnU-Net runs its own mixed precision on a GPU).
     """
     from ..data.canonical import load_split, read_meta
 
@@ -60,13 +75,28 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
     out_dir = Path(out_dir)
     synthetic_dirs = [Path(d) for d in synthetic_dirs]
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".ckpt")
+    protocol = protocol_of(cfg)
+    if init_dir is not None and protocol != "continue":
+        raise ConfigError("segmenters.protocol", f"an initial model ({init_dir}) is only used by protocol 'continue', "
+                          f"this segmenter's is '{protocol}'")
+    continuing = protocol == "continue" and bool(synthetic_dirs)
+    if continuing and init_dir is None:
+        raise ConfigError("segmenters.protocol",
+                          "protocol 'continue' needs the real-only model (init_dir) to start from")
+    if init_dir is not None and not synthetic_dirs:
+        raise ConfigError("segmenters.protocol", "protocol 'continue' needs at least one synthetic set")
     class_names = read_meta(data_dir)["class_names"]
     real = load_split(data_dir, "train")
     synthetic = [_checked_synthetic_set(d, real.images.shape[1:], len(class_names)) for d in synthetic_dirs]
+    if continuing:
+        _train_continue(cfg, real, synthetic, class_names, out_dir, checkpoint_dir, seed, precision,
+                        Path(init_dir), synthetic_dirs)
+        return
     images = np.concatenate([real.images, *(s.images for s in synthetic)])
     masks = np.concatenate([real.masks, *(s.masks for s in synthetic)])
 
     segmenter = get_segmenter_class(cfg["kind"])(cfg, images.shape[1], len(class_names), class_names)
+    segmenter.precision = precision
     stats = segmenter.train(images, masks, checkpoint_dir, seed, synthetic_from=len(real.images))
     stats.update(seed=int(seed), n_real=int(len(real.images)), n_synthetic=int(len(images) - len(real.images)),
                  synthetic_dirs=[str(d) for d in synthetic_dirs])
@@ -74,6 +104,30 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     log.info("trained %s (seed %d) on %d real + %d synthetic samples in %.0f s", cfg["kind"], seed,
              stats["n_real"], stats["n_synthetic"], stats["seconds"])
+
+
+def _train_continue(cfg: dict, real, synthetic: list, class_names: list, out_dir: Path, checkpoint_dir: Path,
+                    seed: int, precision: str, init_dir: Path, synthetic_dirs: list) -> None:
+    """``train_segmenter`` for protocol continue: carve the validation cases, train, save the best model."""
+    segmenter = get_segmenter_class(cfg["kind"])(cfg, real.images.shape[1], len(class_names), class_names)
+    segmenter.precision = precision
+    val_fraction = segmenter.continue_options(len(real.images)).val_fraction
+    case_ids = real.index["case_id"].astype(str).to_numpy()
+    val_cases = validation_cases(case_ids, val_fraction)
+    is_val = np.isin(case_ids, sorted(val_cases))
+    synthetic_images = np.concatenate([s.images for s in synthetic])
+    synthetic_masks = np.concatenate([s.masks for s in synthetic])
+    stats = segmenter.train_continue((real.images[~is_val], real.masks[~is_val]), (synthetic_images, synthetic_masks),
+                                     (real.images[is_val], real.masks[is_val]), init_dir, checkpoint_dir, seed)
+    stats.update(seed=int(seed), n_real=int((~is_val).sum()), n_synthetic=int(len(synthetic_images)),
+                 synthetic_dirs=[str(d) for d in synthetic_dirs], init_dir=str(init_dir),
+                 val_fraction=val_fraction, val_cases=sorted(val_cases))
+    segmenter.save(out_dir, train_stats=stats)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("continued %s (seed %d) from %s on %d real + %d synthetic samples, validated on %d cases; best "
+             "validation Dice %s at step %s, %.0f s", cfg["kind"], seed, init_dir, stats["n_real"],
+             stats["n_synthetic"], len(val_cases), stats.get("best_val_dice"), stats.get("best_step"),
+             stats["seconds"])
 
 
 def _checked_synthetic_set(directory, image_shape: tuple, num_classes: int) -> SyntheticSet:

@@ -23,7 +23,9 @@ from monai.losses import DiceCELoss
 from ..errors import ConfigError, InputDataError
 from ..io import atomic_dir, read_json, write_json
 from ..synthetic_set import SyntheticSet, load_synthetic_set  # noqa: F401  (re-exported)
+from ..precision import autocast, compute_dtype, configure, grad_scaler
 from ..training import Checkpointer, default_device, step_rng
+from .protocol import BestCheckpoint, continue_options, cutmix_box, mean_foreground_dice, paired_cutmix
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,15 @@ class Segmenter(ABC):
         it (nnU-Net keeps them out of its validation folds); the torch trainers pool all rows alike.
         """
 
+    def train_continue(self, real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray, np.ndarray],
+                       validation: tuple[np.ndarray, np.ndarray], init_dir, checkpoint_dir, seed: int,
+                       log_every: int = 50) -> dict:
+        """``protocol: continue`` (segsynth.segmenters.protocol): start from the model in ``init_dir`` (the
+        real-only model of this same entry), train on 1:1 real:synthetic batches of ``real`` and ``synthetic``
+        (images, masks) with paired CutMix, validate on ``validation`` and keep the best weights. Returns
+        statistics like ``train``."""
+        raise ConfigError("segmenters.protocol", f"kind '{self.kind}' does not implement protocol 'continue'")
+
     @abstractmethod
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Softmax class probabilities, (N,K,H,W) float32, for images in [0, 1]."""
@@ -75,6 +86,16 @@ class Segmenter(ABC):
     @abstractmethod
     def _read_weights(self, directory: Path) -> None:
         """Read back what ``_write_weights`` wrote."""
+
+    def check_initial_model(self, init_dir) -> Path:
+        """``init_dir``, a saved model this segmenter can continue from (same kind, channels and classes)."""
+        init_dir = Path(init_dir)
+        meta = read_model_meta(init_dir)
+        mine = {"kind": self.kind, "in_channels": self.in_channels, "num_classes": self.num_classes}
+        theirs = {key: meta[key] for key in mine}
+        if theirs != mine:
+            raise InputDataError(init_dir / META_FILE, f"the initial model is {theirs}, this segmenter {mine}")
+        return init_dir
 
     def save(self, out_dir, train_stats: dict | None = None) -> None:
         """Write the model directory atomically, so a half-written model is never mistaken for a result."""
@@ -130,7 +151,8 @@ class TorchSegmenter(Segmenter):
 
     Config keys: ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``checkpoint_every``,
     ``augment`` (horizontal flips with p = 0.5: MNI-space brains are close to left/right symmetric),
-    plus the network keys of the subclass.
+    plus the network keys of the subclass, plus the protocol keys (``protocol``, ``continue_steps``,
+    ``val_fraction``, ``val_every``, ``cutmix_p``; segsynth.segmenters.protocol) read by ``train_continue``.
     """
 
     WEIGHTS_FILE: ClassVar[str] = "weights.pt"
@@ -140,6 +162,9 @@ class TorchSegmenter(Segmenter):
         super().__init__(cfg, in_channels, num_classes, class_names)
         self.device = torch.device(device) if device is not None else default_device()
         self.network: torch.nn.Module | None = None
+        #: segsynth.precision of training (train_segmenter sets the config's); cpu_autocast for tests
+        self.precision = "fp32"
+        self.cpu_autocast = False
 
     @abstractmethod
     def build_network(self) -> torch.nn.Module:
@@ -183,28 +208,19 @@ class TorchSegmenter(Segmenter):
         self.check_inputs(images, masks)
         if len(images) == 0:
             raise ValueError(f"{self.kind}: no training samples")
-        cfg = self.cfg
-        total = int(cfg["steps"])
+        total = int(self.cfg["steps"])
         network = self._initialise(seed)
-        network.train()
-        optimiser = torch.optim.AdamW(network.parameters(), lr=float(cfg["lr"]),
-                                      weight_decay=float(cfg["weight_decay"]))
-        loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
-        checkpointer = Checkpointer(checkpoint_dir, int(cfg["checkpoint_every"]),
-                                    {"network": network, "optimizer": optimiser})
-        start = checkpointer.restore()
+        loop = _TrainingLoop(self, network, checkpoint_dir)
+        start = loop.checkpointer.restore()
         started = time.monotonic()
-        loss_value = math.nan
+        loss = None
         for step in range(start, total):
-            batch_images, batch_masks = self._batch(images, masks, seed, step)
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(network(batch_images), batch_masks)
-            loss.backward()
-            optimiser.step()
-            loss_value = float(loss.detach())
+            loss = loop.step(*self._batch(images, masks, seed, step))
+            # reading the loss waits for the GPU: only when it is logged
             if log_every and (step + 1) % log_every == 0:
-                log.info("%s step %d/%d loss %.4f", self.kind, step + 1, total, loss_value)
-            checkpointer.maybe_save(step + 1, total)
+                log.info("%s step %d/%d loss %.4f", self.kind, step + 1, total, float(loss.detach()))
+            loop.checkpointer.maybe_save(step + 1, total)
+        loss_value = math.nan if loss is None else float(loss.detach())
         network.eval()
         return {"steps": total, "resumed_from_step": start, "final_loss": loss_value,
                 "seconds": time.monotonic() - started, "num_samples": int(len(images))}
@@ -222,6 +238,110 @@ class TorchSegmenter(Segmenter):
             batch_masks[flip] = batch_masks[flip][..., ::-1]
         return (torch.from_numpy(batch_images).to(self.device),
                 torch.from_numpy(batch_masks[:, None]).to(self.device))
+
+    # --- protocol: continue -------------------------------------------------------------------------
+
+    def continue_options(self, n_real: int):
+        """The checked continuation settings; ``val_every`` defaults to one pass of the real stream over the
+        real training cases (the reference validates every epoch of its real loader)."""
+        half = self.stream_size()
+        return continue_options(self.cfg, "continue_steps", int(self.cfg["steps"]), max(1, int(n_real) // half))
+
+    def stream_size(self) -> int:
+        """Real (= synthetic) samples per continuation batch: half of ``batch_size``, which must be even."""
+        batch_size = int(self.cfg["batch_size"])
+        if batch_size < 2 or batch_size % 2:
+            raise ConfigError(f"{self.kind}.batch_size", f"protocol 'continue' splits each batch 1:1 into real and "
+                              f"synthetic samples: needs an even batch size, got {batch_size}")
+        return batch_size // 2
+
+    def _initialise_from(self, init_dir) -> torch.nn.Module:
+        """A network holding the weights of the saved model ``init_dir`` (same kind, channels and classes)."""
+        init_dir = self.check_initial_model(init_dir)
+        path = init_dir / self.WEIGHTS_FILE
+        if not path.exists():
+            raise InputDataError(path, "missing weights of the initial model")
+        with torch.random.fork_rng(devices=[]):  # the build's random init is overwritten: keep the global RNG
+            network = self.build_network().to(self.device)
+        try:
+            network.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        except RuntimeError as error:
+            raise InputDataError(path, f"does not fit this segmenter's network: {error}") from None
+        self.network = network
+        return network
+
+    def train_continue(self, real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray, np.ndarray],
+                       validation: tuple[np.ndarray, np.ndarray], init_dir, checkpoint_dir, seed: int,
+                       log_every: int = 50) -> dict:
+        """The shared loop of ``train`` with the continuation's differences: the network starts from
+        ``init_dir``'s weights; step ``s``'s batch is ``stream_size()`` real then as many synthetic samples,
+        drawn by ``step_rng(seed, s)`` (flips, then paired CutMix with probability ``cutmix_p``); a fresh AdamW
+        (the config's lr and weight decay); the validation Dice (``mean_foreground_dice`` of the argmax) every
+        ``val_every`` steps and after the last; the best-validated weights end up in ``self.network``. The
+        best weights and the validation history are checkpointed too, so a resumed run is bit-identical on CPU.
+        ``continue_steps`` 0 keeps the initial weights."""
+        (real_images, real_masks), (synthetic_images, synthetic_masks) = real, synthetic
+        val_images, val_masks = validation
+        for images, masks in (real, synthetic, validation):
+            self.check_inputs(images, masks)
+        if min(len(real_images), len(synthetic_images), len(val_images)) == 0:
+            raise ValueError(f"{self.kind}: protocol continue needs real, synthetic and validation samples, got "
+                             f"{len(real_images)}, {len(synthetic_images)}, {len(val_images)}")
+        options = self.continue_options(len(real_images))
+        total, val_every = options.budget, int(options.val_every)
+        network = self._initialise_from(init_dir)
+        best = BestCheckpoint()
+        loop = _TrainingLoop(self, network, checkpoint_dir, {"best": best})
+        start = loop.checkpointer.restore()
+        started = time.monotonic()
+        loss = None
+        for step in range(start, total):
+            loss = loop.step(*self._paired_batch(real, synthetic, seed, step, options.cutmix_p))
+            if log_every and (step + 1) % log_every == 0:
+                log.info("%s continue step %d/%d loss %.4f", self.kind, step + 1, total, float(loss.detach()))
+            if (step + 1) % val_every == 0 or step + 1 == total:
+                dice = self.validation_dice(val_images, val_masks)
+                if best.offer(step + 1, dice, network):
+                    log.info("%s continue step %d: validation Dice %.4f (best)", self.kind, step + 1, dice)
+                network.train()
+            loop.checkpointer.maybe_save(step + 1, total)
+        loss_value = math.nan if loss is None else float(loss.detach())
+        if best.weights is not None:
+            network.load_state_dict(best.weights)
+        network.eval()
+        return {"protocol": "continue", "steps": total, "resumed_from_step": start, "final_loss": loss_value,
+                "seconds": time.monotonic() - started,
+                "num_samples": int(len(real_images) + len(synthetic_images)),
+                "batch_real": self.stream_size(), "batch_synthetic": self.stream_size(),
+                "cutmix_p": options.cutmix_p, "val_every": val_every, "n_val": int(len(val_images)),
+                "best_step": 0 if best.step is None else best.step, "best_val_dice": best.dice,
+                "val_dice": [[s, d] for s, d in best.history]}
+
+    def _paired_batch(self, real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray, np.ndarray],
+                      seed: int, step: int, cutmix_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s continuation batch: ``stream_size()`` real samples, then as many synthetic ones
+        (uniform indices), optional horizontal flips, then paired CutMix of real ``i`` with synthetic ``i``."""
+        rng = step_rng(seed, step)
+        half = self.stream_size()
+        real_index = rng.integers(0, len(real[0]), size=half)
+        synthetic_index = rng.integers(0, len(synthetic[0]), size=half)
+        batch_images = np.concatenate([real[0][real_index], synthetic[0][synthetic_index]]).astype(np.float32,
+                                                                                                   copy=False)
+        batch_masks = np.concatenate([real[1][real_index], synthetic[1][synthetic_index]]).astype(np.int64)
+        if self.cfg["augment"]:
+            flip = rng.random(2 * half) < 0.5
+            batch_images[flip] = batch_images[flip][..., ::-1]
+            batch_masks[flip] = batch_masks[flip][..., ::-1]
+        if rng.random() < cutmix_p:
+            box = cutmix_box(lambda low, high: int(rng.integers(low, high + 1)), batch_masks.shape[1:])
+            paired_cutmix(batch_images, batch_masks, half, box)
+        return (torch.from_numpy(batch_images).to(self.device),
+                torch.from_numpy(batch_masks[:, None]).to(self.device))
+
+    def validation_dice(self, images: np.ndarray, masks: np.ndarray, batch_size: int = 32) -> float:
+        """Mean foreground Dice of the argmax prediction (``protocol.mean_foreground_dice``), in eval mode."""
+        prediction = self.predict_proba(images, batch_size=batch_size).argmax(axis=1)
+        return mean_foreground_dice(prediction, masks, self.num_classes)
 
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -250,3 +370,36 @@ class TorchSegmenter(Segmenter):
         network = self.build_network().to(self.device)
         network.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         self.network = network.eval()
+
+
+class _TrainingLoop:
+    """What both training loops of :class:`TorchSegmenter` share: AdamW with the config's rate and decay, MONAI's
+    Dice + cross-entropy, the checkpointer (network, optimiser, ``extra`` objects, the float16 loss scale) and
+    one optimisation step under the segmenter's precision (segsynth.precision)."""
+
+    def __init__(self, segmenter: "TorchSegmenter", network: torch.nn.Module, checkpoint_dir,
+                 extra: dict | None = None):
+        cfg = segmenter.cfg
+        network.train()
+        self.network, self.device = network, segmenter.device
+        self.optimiser = torch.optim.AdamW(network.parameters(), lr=float(cfg["lr"]),
+                                           weight_decay=float(cfg["weight_decay"]))
+        self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+        configure(segmenter.precision, segmenter.device)
+        self.dtype = compute_dtype(segmenter.precision, segmenter.device, segmenter.cpu_autocast)
+        self.scaler = grad_scaler(self.dtype, segmenter.device)
+        objects = {"network": network, "optimizer": self.optimiser, **(extra or {})}
+        if self.scaler.is_enabled():
+            objects["scaler"] = self.scaler
+        self.checkpointer = Checkpointer(checkpoint_dir, int(cfg["checkpoint_every"]), objects)
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch; returns the loss (on the device: reading it waits for the GPU)."""
+        self.optimiser.zero_grad(set_to_none=True)
+        with autocast(self.dtype, self.device):
+            logits = self.network(images)
+        loss = self.loss_fn(logits.float(), masks)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        return loss

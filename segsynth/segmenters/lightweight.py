@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import TorchSegmenter
+from .protocol import TORCH_PROTOCOL_KEYS
 
 #: Keys every ``TorchSegmenter`` config carries (read by ``TorchSegmenter.train``).
 TRAINING_KEYS = ("steps", "batch_size", "lr", "weight_decay", "checkpoint_every", "augment")
@@ -45,10 +46,10 @@ def check_network_cfg(kind: str, cfg: dict, network_keys: Sequence[str]) -> None
     for key in TRAINING_KEYS:
         if key not in cfg:
             raise ConfigError(f"{kind}.{key}", "missing (a training key every segmenter needs)")
-    unknown = set(cfg) - {"kind", *TRAINING_KEYS, *network_keys}
+    known = {*TRAINING_KEYS, *TORCH_PROTOCOL_KEYS, *network_keys}
+    unknown = set(cfg) - {"kind", *known}
     if unknown:
-        raise ConfigError(f"{kind}.{sorted(unknown)[0]}",
-                          f"unknown key for kind '{kind}'; known: {sorted({*TRAINING_KEYS, *network_keys})}")
+        raise ConfigError(f"{kind}.{sorted(unknown)[0]}", f"unknown key for kind '{kind}'; known: {sorted(known)}")
 
 
 def positive_int_list(kind: str, key: str, value, min_items: int) -> list[int]:
