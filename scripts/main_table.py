@@ -10,4 +10,6 @@ run_logged(
     parquet_path=snakemake.output.parquet,
     markdown_path=snakemake.output.markdown,
     tsv_path=snakemake.output.tsv,
+    fidelity_path=snakemake.input.fidelity,
+    adherence_path=snakemake.input.adherence,
 )

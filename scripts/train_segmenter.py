@@ -13,4 +13,6 @@ run_logged(
     precision=snakemake.params.precision,
     # protocol continue: the real-only model to start from (an empty input for scratch)
     init_dir=(snakemake.input.init or None) if "init" in snakemake.input.keys() else None,
+    # rule train_segmenter_synthetic_only: the synthetic set alone
+    include_real=snakemake.params.get("include_real", True),
 )

@@ -71,6 +71,7 @@ def check_references(config: dict) -> None:
     named = [("analyses.budget.methods", m) for m in (analyses.get("budget") or {}).get("methods", [])]
     if analyses.get("subsets"):
         named.append(("analyses.subsets.method", analyses["subsets"]["method"]))
+    named += [("analyses.synthetic_only.methods", m) for m in (analyses.get("synthetic_only") or {}).get("methods", [])]
     for key, name in named:
         if name not in config["methods"]:
             raise ConfigError(key, f"{name!r} is not defined under 'methods' (defined: {sorted(config['methods'])})")
@@ -255,6 +256,19 @@ def dataset_sources(entry: dict) -> list[str]:
     return input_files([entry["root"]])
 
 
+#: Generator checkpoints shipped inside the package (as nilearn ships its template), by name.
+SHIPPED_GENERATORS = Path(__file__).resolve().parent / "pretrained"
+
+
+def generator_init_path(value: str) -> Path:
+    """A generator entry's ``init``: the name of a checkpoint shipped in ``segsynth/pretrained/`` or a path."""
+    shipped = SHIPPED_GENERATORS / value
+    return shipped if "/" not in value and shipped.is_dir() else Path(value).expanduser()
+
+
 def weight_sources(entry: dict) -> list[str]:
     """The pretrained weight files a generator or segmenter entry loads (see ``input_files``)."""
-    return input_files(p for p in (entry.get("pretrained"), entry.get("pretrained_swin")) if p)
+    paths = [p for p in (entry.get("pretrained"), entry.get("pretrained_swin")) if p]
+    if entry.get("init"):
+        paths.append(generator_init_path(entry["init"]))
+    return input_files(paths)

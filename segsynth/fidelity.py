@@ -263,45 +263,82 @@ def kernel_distance(real: torch.Tensor, synthetic: torch.Tensor) -> tuple[float,
     return float(mean), float(std), size
 
 
-def fidelity_metrics(real_images: np.ndarray, synthetic_images: np.ndarray, value_segmenter=None,
-                     device=None, batch_size: int = BATCH_SIZE) -> dict[str, float]:
+def real_features(real_images: np.ndarray, value_segmenter=None, device=None,
+                  batch_size: int = BATCH_SIZE) -> dict[str, torch.Tensor]:
+    """The real side of every metric, computed once per dataset: Inception features (``inception``) and, given
+    the real-only segmenter, its encoder features (``encoder``), (N, D) float64 on the CPU."""
+    features = {"inception": extract_features(InceptionFeatures(device), real_images, batch_size)}
+    if value_segmenter is not None:
+        encoder = EncoderFeatures(value_segmenter, tuple(real_images.shape[1:]))
+        features["encoder"] = extract_features(encoder, real_images, batch_size)
+    return features
+
+
+def fidelity_metrics(real_images: np.ndarray | None, synthetic_images: np.ndarray, value_segmenter=None,
+                     device=None, batch_size: int = BATCH_SIZE,
+                     reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """FID, KID (mean, std) and, given the real-only segmenter, the domain FID of two (N, C, H, W) sets in [0, 1].
 
-    Returns the metrics of ``METRICS`` (``domain_fid`` only with a segmenter) plus ``n_real``, ``n_samples`` and
-    ``kid_subset_size``.
+    ``reference``: the real set's features from ``real_features`` (then ``real_images`` is not read), so the
+    real images go through the networks once per dataset, not once per synthetic set. Returns the metrics of
+    ``METRICS`` (``domain_fid`` only with a segmenter) plus ``n_real``, ``n_samples`` and ``kid_subset_size``.
     """
-    n_real, n_synthetic = len(real_images), len(synthetic_images)
+    if reference is None:
+        reference = real_features(real_images, value_segmenter, device, batch_size)
+    real = reference["inception"]
+    n_real, n_synthetic = len(real), len(synthetic_images)
     if n_real < 4 or n_synthetic < 4:
         raise ValueError(f"fidelity metrics need at least 4 images per set, got {n_real} real and {n_synthetic} "
                          "synthetic")
-    inception = InceptionFeatures(device)
-    real = extract_features(inception, real_images, batch_size)
-    synthetic = extract_features(inception, synthetic_images, batch_size)
+    synthetic = extract_features(InceptionFeatures(device), synthetic_images, batch_size)
     kid_mean, kid_std, subset = kernel_distance(real, synthetic)
     result = {"fid": frechet_distance(real, synthetic), "kid_mean": kid_mean, "kid_std": kid_std,
               "n_real": n_real, "n_samples": n_synthetic, "kid_subset_size": subset}
     if value_segmenter is not None:
-        encoder = EncoderFeatures(value_segmenter, tuple(real_images.shape[1:]))
-        result["domain_fid"] = frechet_distance(extract_features(encoder, real_images, batch_size),
+        if "encoder" not in reference:
+            raise ValueError("the reference features hold no segmenter encoder features for the domain FID")
+        encoder = EncoderFeatures(value_segmenter, tuple(synthetic_images.shape[1:]))
+        result["domain_fid"] = frechet_distance(reference["encoder"],
                                                 extract_features(encoder, synthetic_images, batch_size))
     return result
 
 
-def score_fidelity(data_dir, synthetic_dir, model_dir, out_path, dataset: str, generator: str, method: str,
-                   seed: int) -> pd.DataFrame:
-    """The fidelity of one synthetic set to the dataset's real training images, as long rows (``COLUMNS``):
-    one per metric of ``METRICS``, each with the sample counts it rests on. ``model_dir`` is the real-only
-    value segmenter f_θ (the domain FID's encoder). Written to ``out_path``. Runs on the GPU when there is one."""
+def score_reference(data_dir, model_dir, out_path) -> dict[str, torch.Tensor]:
+    """The real training images' features (``real_features``) of a dataset, written to ``out_path`` (.npz) for
+    every synthetic set's ``score_fidelity``."""
     from .data.canonical import load_split
+    from .io import save_npz
+    from .segmenters import load_segmenter
+
+    real = load_split(data_dir, "train").images
+    if len(real) < 4:
+        raise InputDataError(Path(data_dir) / "images.npy",
+                             f"fidelity metrics need at least 4 training images, the split has {len(real)}")
+    features = real_features(real, load_segmenter(model_dir))
+    save_npz(out_path, {name: value.numpy() for name, value in features.items()}
+             | {"image_shape": np.asarray(real.shape[1:])})
+    log.info("reference features of %d real images: %s", len(real),
+             ", ".join(f"{name} {tuple(value.shape)}" for name, value in features.items()))
+    return features
+
+
+def score_fidelity(reference_path, synthetic_dir, model_dir, out_path, dataset: str, generator: str, method: str,
+                   seed: int) -> pd.DataFrame:
+    """The fidelity of one synthetic set to the dataset's real training images (their features in
+    ``reference_path``, from ``score_reference``), as long rows (``COLUMNS``): one per metric of ``METRICS``,
+    each with the sample counts it rests on. ``model_dir`` is the real-only value segmenter f_θ (the domain
+    FID's encoder). Written to ``out_path``. Runs on the GPU when there is one."""
     from .segmenters import load_segmenter
     from .synthetic_set import load_synthetic_set
 
-    real = load_split(data_dir, "train").images
+    with np.load(reference_path) as stored:
+        reference = {name: torch.from_numpy(stored[name]) for name in ("inception", "encoder") if name in stored}
+        real_shape = tuple(int(v) for v in stored["image_shape"])
     synthetic = load_synthetic_set(synthetic_dir).images
-    if synthetic.shape[1:] != real.shape[1:]:
+    if synthetic.shape[1:] != real_shape:
         raise InputDataError(Path(synthetic_dir) / "images.npy",
-                             f"sample shape {synthetic.shape[1:]} differs from the real {real.shape[1:]}")
-    metrics = fidelity_metrics(real, synthetic, load_segmenter(model_dir))
+                             f"sample shape {synthetic.shape[1:]} differs from the real {real_shape}")
+    metrics = fidelity_metrics(None, synthetic, load_segmenter(model_dir), reference=reference)
     log.info("%s/%s/%s seed %s: FID %.2f, KID %.4f ± %.4f (%d subsets of %d), domain FID %.3f; %d real, "
              "%d synthetic", dataset, generator, method, seed, metrics["fid"], metrics["kid_mean"],
              metrics["kid_std"], KID_SUBSETS, metrics["kid_subset_size"], metrics["domain_fid"],

@@ -75,6 +75,13 @@ def save_array(path, array: np.ndarray) -> None:
             np.save(fh, array)
 
 
+def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    """Several named arrays in one ``.npz`` (``np.savez``), written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
 def _json_default(obj):
     if isinstance(obj, (np.integer,)):
         return int(obj)

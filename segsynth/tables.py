@@ -36,9 +36,12 @@ def _run_means(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([per_class.drop(columns="class_index"), overall], ignore_index=True)
 
 
-def main_summary(main: pd.DataFrame) -> pd.DataFrame:
+def main_summary(main: pd.DataFrame, fidelity: pd.DataFrame | None = None,
+                 adherence: pd.DataFrame | None = None) -> pd.DataFrame:
     """The main table in the paper's layout: a row per method (Baseline first), a column block per
-    (dataset, segmenter) with DSC (%), ASD and HD95 as mean ± std over seeds of the class-"mean" value."""
+    (dataset, segmenter) with DSC (%), ASD and HD95 as mean ± std over seeds of the class-"mean" value; then,
+    per dataset, what the synthetic sets are: FID, KID ×10³ and domain FID (``fidelity_table`` rows) and mask
+    adherence DSC (%) (``adherence_table`` rows), mean ± std over the same seeds (a dash for the Baseline)."""
     means = main[main["class"] == "mean"]
     blocks = list(dict.fromkeys(zip(means["dataset"], means["segmenter"])))
     rows = []
@@ -49,16 +52,30 @@ def main_summary(main: pd.DataFrame) -> pd.DataFrame:
             for label, metric, scale, decimals in MAIN_COLUMNS:
                 row[f"{dataset} · {segmenter} {label}"] = mean_std(run.loc[run["metric"] == metric, "value"] * scale,
                                                                    decimals)
+        for dataset in dict.fromkeys(means["dataset"]):
+            if fidelity is not None:
+                sets = fidelity[(fidelity["dataset"] == dataset) & (fidelity["method"] == method)]
+                for label, metric, scale, decimals in FIDELITY_COLUMNS:
+                    row[f"{dataset} {label}"] = mean_std(sets.loc[sets["metric"] == metric, "value"] * scale, decimals)
+            if adherence is not None:
+                sets = adherence[(adherence["dataset"] == dataset) & (adherence["method"] == method)]
+                row[f"{dataset} adherence DSC (%)"] = mean_std(sets["dice"] * 100.0, 1)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def main_markdown(main: pd.DataFrame) -> str:
+def main_markdown(main: pd.DataFrame, fidelity: pd.DataFrame | None = None,
+                  adherence: pd.DataFrame | None = None) -> str:
     """``main_summary`` as a markdown table under a caption that states the number of seeds."""
-    summary = main_summary(main)
+    summary = main_summary(main, fidelity, adherence)
     lines = ["| " + " | ".join(summary.columns) + " |", "|" + "---|" * len(summary.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in summary.itertuples(index=False)]
-    return "\n".join([_caption(main[main["class"] == "mean"]), "", *lines]) + "\n"
+    caption = _caption(main[main["class"] == "mean"])
+    if fidelity is not None or adherence is not None:
+        caption += (" FID, KID and domain FID: the synthetic sets against the real training images "
+                    "(results/tables/fidelity.md says how); adherence: the real-only segmenter f_θ's DSC on the "
+                    "synthetic images against their masks (results/tables/adherence.md).")
+    return "\n".join([caption, "", *lines]) + "\n"
 
 
 def adherence_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -148,12 +165,16 @@ def write_fidelity_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> pd
     return fidelity
 
 
-def write_main_tables(runs: pd.DataFrame, parquet_path, markdown_path, tsv_path) -> pd.DataFrame:
-    """The long parquet, the markdown table and the same summary as TSV (the report renders TSV tables)."""
+def write_main_tables(runs: pd.DataFrame, parquet_path, markdown_path, tsv_path, fidelity_path=None,
+                      adherence_path=None) -> pd.DataFrame:
+    """The long parquet, the markdown table and the same summary as TSV (the report renders TSV tables); with
+    the fidelity and adherence tables' parquets, their columns beside Dice."""
     main = main_table(runs)
+    fidelity = pd.read_parquet(fidelity_path) if fidelity_path else None
+    adherence = pd.read_parquet(adherence_path) if adherence_path else None
     write_parquet(parquet_path, main)
-    write_text(markdown_path, main_markdown(main))
-    write_text(tsv_path, main_summary(main).to_csv(sep="\t", index=False))
+    write_text(markdown_path, main_markdown(main, fidelity, adherence))
+    write_text(tsv_path, main_summary(main, fidelity, adherence).to_csv(sep="\t", index=False))
     return main
 
 
@@ -162,6 +183,60 @@ def write_adherence_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> p
     write_parquet(parquet_path, adherence)
     write_text(markdown_path, adherence_markdown(adherence))
     return adherence
+
+
+SYNTHETIC_ONLY_COLUMNS = ["dataset", "generator", "method", "seed", "segmenter", "metric", "value"]
+
+
+def synthetic_only_table(runs: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
+    """The LAW paper's test of a generator (its Table 2): a segmenter trained on one synthetic set alone,
+    scored on the real test split, against the real-only Baseline of the same segmenter.
+
+    ``runs``: dataset, generator, method, seed, segmenter, path (the synthetic-only model's evaluation parquet);
+    ``baselines``: dataset, segmenter, path (the real-only model's). Long rows (``SYNTHETIC_ONLY_COLUMNS``) with
+    the metrics ``dice`` (the class-"mean" DSC of the main table: case means per class, then the mean over
+    foreground classes), ``baseline_dice`` and ``dice_ratio`` = dice / baseline_dice."""
+    baseline = {(row.dataset, row.segmenter): _mean_dice(row.path) for row in baselines.itertuples(index=False)}
+    records = []
+    for row in runs.itertuples(index=False):
+        dice, reference = _mean_dice(row.path), baseline[(row.dataset, row.segmenter)]
+        keys = {"dataset": row.dataset, "generator": row.generator, "method": row.method, "seed": row.seed,
+                "segmenter": row.segmenter}
+        records += [{**keys, "metric": "dice", "value": dice},
+                    {**keys, "metric": "baseline_dice", "value": reference},
+                    {**keys, "metric": "dice_ratio", "value": dice / reference}]
+    return pd.DataFrame(records, columns=SYNTHETIC_ONLY_COLUMNS)
+
+
+def _mean_dice(path) -> float:
+    means = _run_means(pd.read_parquet(path))
+    return float(means.loc[(means["class"] == "mean") & (means["metric"] == "dice"), "value"].iloc[0])
+
+
+def synthetic_only_markdown(table: pd.DataFrame) -> str:
+    """Per (dataset, segmenter, generator, method): synthetic-only DSC and its ratio to the Baseline, mean ± std
+    over seeds."""
+    caption = ("A segmenter trained on one synthetic set alone (no real image), scored on the real test split; "
+               "DSC in % (mean over foreground classes), mean ± std over synthesis seeds; ratio: synthetic-only "
+               "DSC / real-only Baseline DSC of the same segmenter, in %.")
+    lines = ["| Dataset | Segmenter | Generator | Method | Synthetic-only DSC (%) | Baseline DSC (%) | Ratio (%) | Seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = ["dataset", "segmenter", "generator", "method"]
+    for (dataset, segmenter, generator, method), block in table.groupby(keys, sort=False):
+        values = {metric: block.loc[block["metric"] == metric, "value"] * 100.0
+                  for metric in ("dice", "baseline_dice", "dice_ratio")}
+        lines.append(f"| {dataset} | {segmenter} | {generator} | {method} | {mean_std(values['dice'], 1)} | "
+                     f"{values['baseline_dice'].iloc[0]:.1f} | {mean_std(values['dice_ratio'], 1)} | "
+                     f"{block['seed'].nunique()} |")
+    return "\n".join([caption, "", *lines]) + "\n"
+
+
+def write_synthetic_only_tables(runs: pd.DataFrame, baselines: pd.DataFrame, parquet_path,
+                                markdown_path) -> pd.DataFrame:
+    table = synthetic_only_table(runs, baselines)
+    write_parquet(parquet_path, table)
+    write_text(markdown_path, synthetic_only_markdown(table))
+    return table
 
 
 def method_order(methods: pd.Series) -> list[str]:
@@ -262,6 +337,8 @@ def _stage_of(relative) -> str:
     parts = relative.with_suffix("").parts[1:]
     if parts[0] == "segmenters":
         return "segmenters (real)" if parts[-1] == "real" else "segmenters (real + synthetic)"
+    if parts[0] == "synthetic_only":  # synthetic_only/{segmenters,eval}/...
+        return f"synthetic-only {parts[1]}"
     return parts[0]
 
 

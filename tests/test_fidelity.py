@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO, make_tiny_dataset, toy_arrays
-from segsynth.errors import ConfigError
+from segsynth.errors import ConfigError, InputDataError
 from segsynth.fidelity import (COLUMNS, ENCODER_BLOCKS, INCEPTION_FEATURES, METRICS, EncoderFeatures,
                                InceptionFeatures, extract_features, fidelity_metrics, frechet_distance,
-                               inception_weights_path, kernel_distance, kid_subset_size, score_fidelity)
+                               inception_weights_path, kernel_distance, kid_subset_size, score_fidelity,
+                               score_reference)
 from segsynth.segmenters import SEGMENTERS, get_segmenter_class, load_segmenter, train_segmenter
 
 NOISE = (0.05, 0.15, 0.4)
@@ -151,7 +152,9 @@ def test_score_fidelity_writes_one_row_per_metric_with_its_sample_counts(trained
     np.save(synthetic / "images.npy", noised(train.images[:10], 0.2))
     np.save(synthetic / "masks.npy", train.masks[:10])
     pd.DataFrame({"sample_id": [f"s{i}" for i in range(10)]}).to_parquet(synthetic / "records.parquet")
-    frame = score_fidelity(data, synthetic, model, tmp_path / "out.parquet", "tiny", "gen", "rd", 2)
+    reference = tmp_path / "real_features.npz"
+    score_reference(data, model, reference)
+    frame = score_fidelity(reference, synthetic, model, tmp_path / "out.parquet", "tiny", "gen", "rd", 2)
     assert list(frame.columns) == COLUMNS and list(frame["metric"]) == list(METRICS)
     assert (frame["n_samples"] == 10).all() and (frame["n_real"] == len(train.images)).all()
     assert (frame[["dataset", "generator", "method", "seed"]].drop_duplicates().values.tolist()
@@ -159,6 +162,15 @@ def test_score_fidelity_writes_one_row_per_metric_with_its_sample_counts(trained
     values = frame.set_index("metric")["value"]
     assert np.isfinite(values).all() and values["fid"] > 0 and values["domain_fid"] > 0 and values["kid_std"] >= 0
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"), frame)
+    # the stored reference gives the numbers of computing the real side in the same call
+    direct = fidelity_metrics(train.images, np.load(synthetic / "images.npy"), load_segmenter(model))
+    for metric in METRICS:
+        assert values[metric] == pytest.approx(direct[metric], rel=1e-9, abs=1e-12), metric
+    with pytest.raises(InputDataError, match="images.npy.*differs"):
+        np.save(synthetic / "images.npy", np.zeros((10, 1, 8, 8), np.float32))
+        np.save(synthetic / "masks.npy", np.zeros((10, 8, 8), np.uint8))
+        score_fidelity(reference, synthetic, model, tmp_path / "bad.parquet", "tiny", "gen", "rd", 2)
+    assert not (tmp_path / "bad.parquet").exists()
 
 
 @pytest.mark.parametrize("kind", sorted(KIND_CFGS))

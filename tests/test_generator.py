@@ -7,6 +7,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from conftest import REPO
 from segsynth.errors import ConfigError
 from segsynth.generator import MaskToImageGenerator, build_generator
 from segsynth.generator.train import train_generator
@@ -112,8 +113,97 @@ def test_pretrained_with_a_resolution_the_vae_cannot_encode_is_a_config_error(tm
         build_generator(cfg, ["background", "a"], 1, (15, 15), seed=0)
 
 
-def test_value_prediction_schedulers_are_refused(tmp_path, tiny_generator_cfg):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_every_prediction_type_gives_samplers_the_noise(tiny_generator_cfg, prediction_type, monkeypatch):
+    """A network that predicts its training target exactly gives back exactly the noise that made x_t, whatever
+    it predicts; and the sampling scheduler reads that ε."""
+    cfg = dict(tiny_generator_cfg, prediction_type=prediction_type)
+    gen = build_generator(cfg, ["bg", "a"], channels=1, resolution=(16, 16), seed=0)
+    assert gen.sampling_scheduler().config.prediction_type == "epsilon"
+    torch.manual_seed(0)
+    x0, noise = torch.rand(3, 1, 16, 16) * 2 - 1, torch.randn(3, 1, 16, 16)
+    t = torch.tensor([5, 400, 990])
+    x_t = gen.noise_scheduler.add_noise(x0, noise, t)
+    target = gen.training_target(x0, noise, t)
+    expected = {"epsilon": noise, "v_prediction": gen.noise_scheduler.get_velocity(x0, noise, t), "sample": x0}
+    torch.testing.assert_close(target, expected[prediction_type])
+    monkeypatch.setattr(gen, "model_output", lambda *args: target)
+    masks = torch.zeros(3, 16, 16, dtype=torch.long)
+    eps = gen.predict_noise(x_t, t, gen.mask_condition(masks), gen.encode_prompt(masks))
+    torch.testing.assert_close(eps, noise, rtol=1e-4, atol=1e-4)
+    # a scalar timestep (samplers pass one per step) broadcasts over the batch
+    x_500 = gen.noise_scheduler.add_noise(x0, noise, torch.tensor([500] * 3))
+    monkeypatch.setattr(gen, "model_output", lambda *args: gen.training_target(x0, noise, torch.tensor([500] * 3)))
+    torch.testing.assert_close(gen.predict_noise(x_500, torch.tensor(500), gen.mask_condition(masks),
+                                                 gen.encode_prompt(masks)), noise, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pretrained_v_prediction_stable_diffusion_is_sampled_in_epsilon(tmp_path, tiny_generator_cfg):
+    """SD 2.x-style v-prediction checkpoints load (their scheduler says so) and sample through the ε interface."""
     sd = _save_tiny_stable_diffusion(tmp_path / "tiny-sd")
-    DDPMScheduler(prediction_type="v_prediction").save_pretrained(sd / "scheduler")
-    with pytest.raises(ConfigError, match="epsilon"):
-        build_generator(dict(tiny_generator_cfg, pretrained=str(sd)), ["background", "a"], 1, (16, 16), seed=0)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type="v_prediction").save_pretrained(sd / "scheduler")
+    gen = build_generator(dict(tiny_generator_cfg, pretrained=str(sd)), ["background", "a"], 1, (16, 16), seed=0)
+    assert gen.noise_scheduler.config.prediction_type == "v_prediction"
+    masks = torch.zeros(1, 16, 16, dtype=torch.long)
+    images, _ = DDIMSampler({"steps": 2, "eta": 0.0, "guidance_scale": 1.0}).sample(gen, masks, [3])
+    assert images.shape == (1, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_concat_conditioning_feeds_the_mask_as_input_channels(tmp_path, tiny_data, tiny_generator_cfg):
+    cfg = dict(tiny_generator_cfg, conditioning="concat", prediction_type="v_prediction")
+    gen = build_generator(cfg, ["background", "ring", "core"], 1, (16, 16), seed=0)
+    assert gen.controlnet is None and gen.unet.config.in_channels == 1 + 3
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([300])
+    empty, full = torch.zeros(1, 16, 16, dtype=torch.long), torch.full((1, 16, 16), 2)
+    prompt = gen.encode_prompt(empty)
+    assert not torch.allclose(gen.predict_noise(x, t, gen.mask_condition(empty), prompt),
+                              gen.predict_noise(x, t, gen.mask_condition(full), prompt))
+    stats = train_generator(cfg, tiny_data, tmp_path / "gen", seed=0)
+    assert stats["trainable_parameters"] == (sum(p.numel() for p in gen.unet.parameters())
+                                             + sum(p.numel() for p in gen.prompt_embedding.parameters()))
+    loaded = MaskToImageGenerator.load(tmp_path / "gen")
+    assert loaded.controlnet is None and not (tmp_path / "gen" / "controlnet").exists()
+    assert loaded.meta["conditioning"] == "concat" and loaded.noise_scheduler.config.prediction_type == "v_prediction"
+    images, _ = DDIMSampler({"steps": 2, "eta": 0.0, "guidance_scale": 2.0}).sample(loaded, full, [1])
+    assert images.shape == (1, 1, 16, 16) and images.abs().max() <= 1.0
+
+
+def test_init_starts_from_a_saved_generator_and_refuses_one_that_does_not_fit(tmp_path, tiny_data,
+                                                                              tiny_generator_cfg):
+    cfg = dict(tiny_generator_cfg, conditioning="concat", prediction_type="v_prediction")
+    train_generator(cfg, tiny_data, tmp_path / "first", seed=0)
+    started = build_generator(dict(cfg, init=str(tmp_path / "first")), ["background", "ring", "core"], 1, (16, 16),
+                              seed=5)
+    for p, q in zip(MaskToImageGenerator.load(tmp_path / "first").parameters(), started.parameters()):
+        assert torch.equal(p, q)
+    # fine-tuning moves on from there
+    stats = train_generator(dict(cfg, init=str(tmp_path / "first")), tiny_data, tmp_path / "second", seed=0)
+    assert stats["steps"] == cfg["training"]["steps"]
+    for bad, match in [(dict(cfg, init=str(tmp_path / "nowhere")), "not a saved generator"),
+                       (dict(cfg, init=str(tmp_path / "first"), prediction_type="epsilon"), "prediction_type"),
+                       (dict(cfg, init=str(tmp_path / "first"), conditioning="controlnet"), "conditioning"),
+                       (dict(cfg, init=str(tmp_path / "first"),
+                             unet=dict(cfg["unet"], block_out_channels=[8, 8])), "unet does not fit")]:
+        with pytest.raises(ConfigError, match=match):
+            build_generator(bad, ["background", "ring", "core"], 1, (16, 16), seed=0)
+    with pytest.raises(ConfigError, match="class_names"):
+        build_generator(dict(cfg, init=str(tmp_path / "first")), ["background", "ring"], 1, (16, 16), seed=0)
+
+
+def test_the_shipped_default_checkpoint_fits_the_embedded_default():
+    """config.yaml's tiny generator starts from segsynth/pretrained/mni152_tiny: it must load into that entry
+    with the mni152 adapter's classes at the default resolution."""
+    import yaml
+
+    from segsynth.config import generator_init_path, weight_sources
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    entry = config["generators"]["tiny"]
+    directory = generator_init_path(entry["init"])
+    assert directory.is_dir() and str(directory / "unet" / "config.json") in weight_sources(entry)
+    meta = MaskToImageGenerator.load(directory).meta
+    resolution = config["datasets"]["mni152"]["resolution"]
+    assert meta["resolution"] == [resolution, resolution]
+    gen = build_generator(entry, meta["class_names"], meta["channels"], meta["resolution"], seed=0)
+    assert gen.controlnet is None

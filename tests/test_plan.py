@@ -19,6 +19,8 @@ SYNTHESIS = {"sampler": "ddim", "budget": 1.0, "steps": 3, "eta": 0.5, "guidance
 SEGMENTER = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 2,
              "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "checkpoint_every": 100, "augment": False}
 PAPER = [REPO / "config.yaml", REPO / "presets" / "paper.yaml"]
+# the default with the Miner paper's budget sweep (1×, 2×) and subsets on one seed
+SWEEP = [REPO / "config.yaml", REPO / "tests" / "config" / "budget_sweep.yaml"]
 
 
 # -- nested budget sets ------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def test_the_prefix_of_a_budget_2_set_is_the_budget_1_set(trained, tmp_path):
 
 
 def test_budget_sources_cut_every_smaller_budget_from_the_largest():
-    config = load_config([REPO / "config.yaml"])  # budgets 1 and 2 of rd and the Miner, one seed
+    config = load_config(SWEEP)  # budgets 1 and 2 of rd and the Miner, one seed
     assert budget_sources(config) == {"rd": "rd_x2", "miner": "miner_x2"} and budget_seeds(config) == [0]
     config = load_config(PAPER)
     assert budget_sources(config) == {m: f"{base}_x6" for base in ("rd", "miner") for m in (base, f"{base}_x2", f"{base}_x4")}
@@ -79,7 +81,7 @@ def test_budget_sources_cut_every_smaller_budget_from_the_largest():
 @pytest.fixture(scope="module")
 def default_dag(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("default_dag")
-    return workdir, dry_run([REPO / "config.yaml"], workdir)
+    return workdir, dry_run(SWEEP, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_the_dag_synthesises_each_swept_method_once_per_seed(default_dag, paper_
 # -- the plan ------------------------------------------------------------------------------------------------------
 def test_plan_of_the_default_config(default_dag):
     workdir, text = default_dag
-    plan = make_plan([REPO / "config.yaml"], workdir, text)
+    plan = make_plan(SWEEP, workdir, text)
     assert plan.sizes["mni152"]["train"] == 87
     assert {"generator fine-tuning", "miner training", "synthesis: ddim", "synthesis: vgd", "synthesis: miner",
             "budget prefixes (copies)", "segmenter unet: real + synthetic", "evaluation", "splits (CPU)"} <= set(plan.rows)
@@ -187,7 +189,7 @@ def test_benchmark_files_replace_the_defaults(default_dag, tmp_path):
     bench = work / measured[0].benchmark
     bench.parent.mkdir(parents=True, exist_ok=True)
     bench.write_text("s\th:m:s\tmax_rss\n3600.0\t1:00:00\t100\n")
-    plan = make_plan([REPO / "config.yaml"], work, text)
+    plan = make_plan(SWEEP, work, text)
     row = plan.rows["synthesis: vgd"]
     assert row.measured == 1 and row.scaled == 2
     # the measured job takes its hour; the two others of its stage the same (same work)

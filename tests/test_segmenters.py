@@ -170,3 +170,26 @@ def test_train_segmenter_rejects_incompatible_synthetic_set(tmp_path):
     bad = write_synthetic(tmp_path / "syn", size=32)
     with pytest.raises(InputDataError, match="syn/images.npy"):
         train_segmenter(UNET_CFG, data_dir, tmp_path / "model", seed=0, synthetic_dirs=[bad])
+
+
+def test_a_synthetic_only_segmenter_sees_no_real_image(tmp_path, tiny_data):
+    """include_real=False (rule train_segmenter_synthetic_only): the synthetic set alone, from scratch."""
+    import json
+
+    from segsynth.data.canonical import load_split
+
+    train = load_split(tiny_data, "train")
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    np.save(synthetic / "images.npy", train.images[:5])
+    np.save(synthetic / "masks.npy", train.masks[:5])
+    pd.DataFrame({"sample_id": [f"g{i}" for i in range(5)]}).to_parquet(synthetic / "records.parquet")
+    cfg = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 2,
+           "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "checkpoint_every": 1, "augment": False,
+           "protocol": "continue", "continue_steps": 2}
+    train_segmenter(cfg, tiny_data, tmp_path / "alone", seed=0, synthetic_dirs=[synthetic], include_real=False)
+    stats = json.loads((tmp_path / "alone" / "train_stats.json").read_text())
+    assert stats["n_real"] == 0 and stats["n_synthetic"] == 5 and stats["num_samples"] == 5
+    with pytest.raises(ConfigError, match="at least one synthetic set"):
+        train_segmenter(cfg, tiny_data, tmp_path / "none", seed=0, include_real=False)
+    assert not (tmp_path / "none").exists()

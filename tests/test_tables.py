@@ -9,7 +9,8 @@ import pytest
 from segsynth.data import canonical
 from segsynth.figures import metric_plot, sample_grid
 from segsynth.tables import (adherence_markdown, adherence_table, main_markdown, main_table,
-                             write_adherence_tables, write_main_tables)
+                             synthetic_only_table, write_adherence_tables, write_main_tables,
+                             write_synthetic_only_tables)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -89,6 +90,40 @@ def test_writers_are_consistent(tmp_path, runs):
     assert (tmp_path / "main.md").read_text() == main_markdown(main)
     write_adherence_tables(adherence_rows(tmp_path), tmp_path / "adh.parquet", tmp_path / "adh.md")
     assert "Mask adherence" in (tmp_path / "adh.md").read_text()
+
+
+def test_main_markdown_puts_fidelity_and_adherence_beside_dice(tmp_path, runs):
+    adherence = adherence_table(adherence_rows(tmp_path)).assign(dataset="mni")
+    fidelity = pd.DataFrame([{"dataset": "mni", "generator": "g", "method": method, "seed": seed, "metric": metric,
+                              "value": value, "n_samples": 10, "n_real": 12}
+                             for method, seed, fid in (("vgd", 0, 100.0), ("vgd", 1, 110.0), ("plain", 0, 50.0))
+                             for metric, value in (("fid", fid), ("kid_mean", fid / 1e4), ("kid_std", 0.0),
+                                                   ("domain_fid", fid / 100))])
+    lines = main_markdown(main_table(runs), fidelity, adherence).splitlines()
+    assert ("| Method | mni · monai_unet DSC (%) | mni · monai_unet ASD | mni · monai_unet HD95 | mni FID | "
+            "mni KID ×10³ | mni Domain FID | mni adherence DSC (%) |") in lines
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Method")]
+    assert rows == ["| Baseline | 70.0 | 1.00 | 4.00 | – | – | – | – |",
+                    "| vgd | 85.0 ± 7.1 | 1.00 ± 0.00 | 4.00 ± 0.00 | 105.0 ± 7.1 | 10.50 ± 0.71 | 1.050 ± 0.071 | "
+                    "75.0 ± 21.2 |",
+                    "| plain | 60.0 ± 14.1 | 1.00 ± 0.00 | 4.00 ± 0.00 | 50.0 | 5.00 | 0.500 | 50.0 |"]
+    assert "fidelity.md" in lines[0] and "adherence.md" in lines[0]
+
+
+def test_synthetic_only_table_divides_by_the_baseline_of_the_same_segmenter(tmp_path, runs):
+    baselines = runs[runs["method"] == "baseline"][["dataset", "segmenter", "path"]]
+    alone = pd.DataFrame([
+        {"dataset": "mni", "segmenter": "monai_unet", "generator": "g", "method": "rd", "seed": seed,
+         "path": metrics_parquet(tmp_path / f"alone_{seed}.parquet", [dice] * 2, [dice] * 2)}
+        for seed, dice in ((0, 0.63), (1, 0.56))])
+    table = synthetic_only_table(alone, baselines)
+    assert list(table.columns) == ["dataset", "generator", "method", "seed", "segmenter", "metric", "value"]
+    value = table.set_index(["seed", "metric"])["value"]
+    assert value[(0, "dice")] == pytest.approx(0.63) and value[(1, "baseline_dice")] == pytest.approx(0.7)
+    assert value[(0, "dice_ratio")] == pytest.approx(0.9) and value[(1, "dice_ratio")] == pytest.approx(0.8)
+    write_synthetic_only_tables(alone, baselines, tmp_path / "so.parquet", tmp_path / "so.md")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "so.parquet"), table)
+    assert "| mni | monai_unet | g | rd | 59.5 ± 4.9 | 70.0 | 85.0 ± 7.1 | 2 |" in (tmp_path / "so.md").read_text()
 
 
 def write_dataset(directory, n: int = 4, size: int = 16):

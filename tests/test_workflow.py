@@ -1,6 +1,7 @@
 """The workflow as a user runs it: dry-run, lint, config validation, and the whole DAG end to end on a tiny
 config, including incremental reruns."""
 
+import json
 import os
 import re
 import shutil
@@ -19,8 +20,11 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 E2E_CONFIG = REPO / "tests" / "config" / "e2e.yaml"
 STAGES = {"splits", "train_generator", "train_segmenter_real", "synthesize", "mask_adherence",
           "train_segmenter_augmented", "evaluate_real", "evaluate_augmented", "main_table", "adherence_table",
-          "dice_figure", "sample_figure", "train_miner", "adversarial_subset", "budget_table", "subset_table",
-          "budget_figure", "profile_segmenter", "segmenter_table", "budget_prefix", "fidelity", "fidelity_table"}
+          "dice_figure", "sample_figure", "train_miner", "profile_segmenter", "segmenter_table", "fidelity",
+          "fidelity_reference", "fidelity_table", "train_segmenter_synthetic_only", "evaluate_synthetic_only",
+          "synthetic_only_table"}
+#: The Miner paper's analyses: presets/miner_analyses.yaml, not the demo
+MINER_ANALYSES = {"adversarial_subset", "budget_table", "subset_table", "budget_figure", "budget_prefix"}
 
 
 def snakemake(*args, cwd, timeout=900):
@@ -40,14 +44,15 @@ def test_dry_run_of_the_default_config_lists_every_stage(tmp_path):
     result = snakemake("-n", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    assert STAGES <= set(counts)
-    # rd, vgd_fast and miner × 3 synthesis seeds, then rd and miner at 2× (one seed), of which rd and miner at 1×
-    # on that seed are the first halves of the 2× sets (nested budgets: one synthesis per method and seed)
-    assert counts["synthesize"] == 3 * 3 + 2 - 2 and counts["budget_prefix"] == 2
-    # those, and RD's adversariality subsets at three thresholds (one seed)
-    assert counts["train_segmenter_augmented"] == 3 * 3 + 2 + 3 and counts["train_miner"] == 1
-    # FID / KID / domain FID of each main synthetic set (methods × seeds), as mask adherence
+    assert STAGES <= set(counts) and not MINER_ANALYSES & set(counts)
+    # rd, vgd_fast and miner × 3 synthesis seeds; the Miner paper's analyses live in presets/miner_analyses.yaml
+    assert counts["synthesize"] == 3 * 3 and "budget_prefix" not in counts and counts["train_miner"] == 1
+    assert counts["train_segmenter_augmented"] == 3 * 3
+    # each RD set trains a segmenter alone (analyses.synthetic_only), scored on the real test split
+    assert counts["train_segmenter_synthetic_only"] == counts["evaluate_synthetic_only"] == 3
+    # FID / KID / domain FID of each main synthetic set (methods × seeds), as mask adherence; the real side once
     assert counts["fidelity"] == counts["mask_adherence"] == 3 * 3 and counts["fidelity_table"] == 1
+    assert counts["fidelity_reference"] == 1
 
 
 def test_lint_is_clean():
@@ -98,6 +103,13 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path):
     assert len(fidelity) == 6 * 4 and set(fidelity["metric"]) == {"fid", "kid_mean", "kid_std", "domain_fid"}
     assert np.isfinite(fidelity["value"]).all() and (fidelity["n_real"] > 0).all() and (fidelity["n_samples"] > 0).all()
     assert "| rd |" in (results / "tables" / "fidelity.md").read_text()
+    assert "mni152 FID" in markdown and "mni152 adherence DSC (%)" in markdown  # beside Dice in the main table
+    alone = pd.read_parquet(results / "tables" / "synthetic_only.parquet")
+    assert list(alone.columns) == ["dataset", "generator", "method", "seed", "segmenter", "metric", "value"]
+    assert sorted(alone["metric"]) == ["baseline_dice", "dice", "dice_ratio"] and set(alone["seed"]) == {0}
+    stats = json.loads((results / "mni152" / "synthetic_only" / "segmenters" / "unet" / "tiny" / "rd" / "seed0"
+                        / "train_stats.json").read_text())
+    assert stats["n_real"] == 0 and stats["n_synthetic"] > 0
     budget = pd.read_parquet(results / "tables" / "budget.parquet")
     assert sorted(budget["budget"]) == [1.0, 2.0] and budget["delta_dice"].notna().all()
     subsets = pd.read_parquet(results / "tables" / "subsets.parquet")
@@ -159,7 +171,8 @@ def test_every_preset_validates_and_dry_runs(tmp_path, preset):
                        timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     config = yaml.safe_load(preset.read_text())
-    methods = config["run"]["methods"]
+    # a preset without a run section (default_generator) runs the default's methods
+    methods = (config.get("run") or yaml.safe_load((REPO / "config.yaml").read_text())["run"])["methods"]
     sweep = (config.get("analyses") or {}).get("budget")  # presets switch the analyses off with null
     extra = 0 if sweep is None else len(sweep["methods"]) * len(set(sweep["budgets"]) - {1}) * sweep["n_seed"]
     counts = job_counts(result.stdout)

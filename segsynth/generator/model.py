@@ -10,7 +10,18 @@ Two ways to build one, one way to load it:
   UNet, as diffusers' ``train_controlnet.py`` does; it then works in the VAE's latent space.
 - ``MaskToImageGenerator.load(directory)`` reads back what ``save`` wrote (diffusers ``save_pretrained`` layout).
 
-Conditioning: the one-hot mask goes into the ControlNet; the class prompt names the foreground classes present
+What the network predicts is its scheduler's ``prediction_type``: ε (Stable Diffusion 1.x), v (SD 2.x, and the
+tiny default: v-prediction learns clean backgrounds in a few hundred CPU steps where ε-prediction leaves grain)
+or x0. ``predict_noise`` always returns ε, converted with the schedule's ᾱ_t, so every sampler, the Miner and
+VGD work on any of them unchanged.
+
+A tiny generator can start from a saved one (``init``: a checkpoint shipped in ``segsynth/pretrained/``, as
+nilearn ships its template, or a directory ``save`` wrote) and fine-tune it; the embedded default does.
+
+Conditioning: the one-hot mask goes into the ControlNet (``conditioning: controlnet``, always with a pretrained
+SD); a tiny generator can instead take it as extra input channels of its UNet (``conditioning: concat``: no
+ControlNet copy of the encoder to run, and no zero-initialised path the mask has to grow through, so a
+from-scratch model follows its masks sooner). The class prompt names the foreground classes present
 in the mask ("... showing csf, gm"). With the embedding table the prompt is a sequence of one token per
 foreground class, the class's embedding where present and a learned null token where absent; the
 unconditional prompt for classifier-free guidance is all null tokens (the empty string for CLIP).
@@ -89,8 +100,9 @@ class MaskToImageGenerator(torch.nn.Module):
         return self.vae is not None
 
     def sampling_scheduler(self) -> DDIMScheduler:
-        """A DDIM scheduler with the training noise schedule (diffusers' ``from_config`` carries the betas)."""
-        return DDIMScheduler.from_config(self.noise_scheduler.config)
+        """A DDIM scheduler with the training noise schedule (diffusers' ``from_config`` carries the betas); it
+        reads ε, which ``predict_noise`` returns whatever the network predicts."""
+        return DDIMScheduler.from_config(self.noise_scheduler.config, prediction_type="epsilon")
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         h, w = self.meta["resolution"]
@@ -123,13 +135,47 @@ class MaskToImageGenerator(torch.nn.Module):
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     # -- the denoiser -----------------------------------------------------------------------------------------
-    def predict_noise(self, x_t: torch.Tensor, t, cond_image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """ε_φ(x_t, t | mask, prompt): ControlNet residuals added into the UNet, one call each."""
+    def model_output(self, x_t: torch.Tensor, t, cond_image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """The denoiser's raw output (its scheduler's ``prediction_type``): the mask enters through the
+        ControlNet's residuals, or, for a tiny generator with ``conditioning: concat``, as extra input channels."""
+        if self.controlnet is None:
+            return self.unet(torch.cat([x_t, cond_image.to(x_t.dtype)], dim=1), t, encoder_hidden_states=prompt,
+                             return_dict=False)[0]
         down, mid = self.controlnet(x_t, t, encoder_hidden_states=prompt, controlnet_cond=cond_image,
                                     conditioning_scale=1.0, return_dict=False)
-        eps = self.unet(x_t, t, encoder_hidden_states=prompt, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid, return_dict=False)[0]
-        return eps.to(x_t.dtype)  # under autocast (segsynth.precision) the schedulers still work in float32
+        return self.unet(x_t, t, encoder_hidden_states=prompt, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+    def predict_noise(self, x_t: torch.Tensor, t, cond_image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """ε_φ(x_t, t | mask, prompt), whatever the network predicts: every sampler works in ε. A v- or
+        x0-predicting network's output is converted with the training schedule's ᾱ_t (ε = √ᾱ v + √(1−ᾱ) x_t,
+        ε = (x_t − √ᾱ x̂0)/√(1−ᾱ)), so DDIM's x̂0 from this ε is the network's own."""
+        out = self.model_output(x_t, t, cond_image, prompt).to(x_t.dtype)  # schedulers work in float32 under autocast
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return out
+        alpha_bar = self._alphas_cumprod(x_t.device)[torch.as_tensor(t, device=x_t.device).long()]
+        alpha_bar = alpha_bar.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+        if kind == "v_prediction":
+            return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x_t
+        return (x_t - alpha_bar.sqrt() * out) / (1 - alpha_bar).sqrt()
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What ``model_output`` is trained to match at (x0, ε, t): ε, v (diffusers' ``get_velocity``) or x0."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, t)
+        return x0
+
+    def _alphas_cumprod(self, device) -> torch.Tensor:
+        """The schedule's ᾱ on ``device``, copied there once (no host transfer per denoiser call)."""
+        cached = getattr(self, "_alphas_cumprod_cache", None)
+        if cached is None or cached.device != torch.device(device):
+            cached = self.noise_scheduler.alphas_cumprod.to(device)
+            self._alphas_cumprod_cache = cached
+        return cached
 
     def guided_noise(self, x_t, t, cond_image, prompt, uncond_prompt, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance; conditional and unconditional passes share one batched call."""
@@ -169,7 +215,8 @@ class MaskToImageGenerator(torch.nn.Module):
             if stats is not None:
                 write_json(tmp / "train_stats.json", stats)
             self.unet.save_pretrained(tmp / "unet")
-            self.controlnet.save_pretrained(tmp / "controlnet")
+            if self.controlnet is not None:
+                self.controlnet.save_pretrained(tmp / "controlnet")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae")
@@ -187,7 +234,8 @@ class MaskToImageGenerator(torch.nn.Module):
         meta = read_json(directory / GENERATOR_META)
         parts = load_parts(directory, has_vae=(directory / "vae").exists(),
                             has_text=(directory / "text_encoder").exists())
-        parts["controlnet"] = ControlNetModel.from_pretrained(directory / "controlnet")
+        parts["controlnet"] = (ControlNetModel.from_pretrained(directory / "controlnet")
+                               if (directory / "controlnet").exists() else None)
         parts["noise_scheduler"] = DDPMScheduler.from_pretrained(directory / "scheduler")
         if parts["text_encoder"] is None:
             emb = ClassPromptEmbedding(len(meta["class_names"]) - 1, meta["cross_attention_dim"])
@@ -232,32 +280,77 @@ def build_generator(cfg: dict, class_names: list[str], channels: int, resolution
         noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
         prompt_embedding = None
     else:
-        unet = _tiny_unet(cfg["unet"], channels, meta["resolution"])
+        concat = cfg.get("conditioning", "controlnet") == "concat"
+        unet = _tiny_unet(cfg["unet"], channels, meta["resolution"], extra_inputs=num_classes if concat else 0)
         parts = {"vae": None, "text_encoder": None, "tokenizer": None}
         factor = 1
         noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg["beta_schedule"],
-                                        prediction_type="epsilon", clip_sample=True)
+                                        prediction_type=cfg.get("prediction_type", "epsilon"), clip_sample=True)
         prompt_embedding = ClassPromptEmbedding(num_classes - 1, cfg["unet"]["cross_attention_dim"])
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise ConfigError("generators.*.pretrained", "samplers need an epsilon-predicting UNet, got "
-                          f"prediction_type={noise_scheduler.config.prediction_type!r}")
+        if concat:
+            meta["conditioning"] = "concat"
+            meta["cross_attention_dim"] = int(unet.config.cross_attention_dim)
+            generator = MaskToImageGenerator(unet=unet, controlnet=None, noise_scheduler=noise_scheduler, meta=meta,
+                                             prompt_embedding=prompt_embedding)
+            if cfg.get("init"):
+                _load_init(generator, cfg["init"])
+            return generator
     # The conditioning embedding downsamples the mask by 2 per extra stage, to the UNet's input resolution: for
     # SD's 8× VAE the ControlNet paper's (and diffusers' default) 16-32-96-256, else doubling widths from 16.
     cond_channels = (16, 32, 96, 256) if factor == 8 else [16 * 2**i for i in range(int(np.log2(factor)) + 1)]
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cond_channels),
                                            conditioning_channels=num_classes)
     meta["cross_attention_dim"] = int(unet.config.cross_attention_dim)
-    return MaskToImageGenerator(unet=unet, controlnet=controlnet, noise_scheduler=noise_scheduler, meta=meta,
-                                vae=parts["vae"], prompt_embedding=prompt_embedding,
-                                text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"])
+    generator = MaskToImageGenerator(unet=unet, controlnet=controlnet, noise_scheduler=noise_scheduler, meta=meta,
+                                     vae=parts["vae"], prompt_embedding=prompt_embedding,
+                                     text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"])
+    if cfg.get("init"):
+        if pretrained:
+            raise ConfigError("generators.*.init", "init starts a tiny generator from a saved one; a pretrained "
+                              "Stable Diffusion generator starts from `pretrained`")
+        _load_init(generator, cfg["init"])
+    return generator
 
 
-def _tiny_unet(cfg: dict, channels: int, resolution) -> UNet2DConditionModel:
+def _load_init(generator: MaskToImageGenerator, init: str) -> None:
+    """Start a tiny generator from the weights of a saved one (``init``: a checkpoint shipped in
+    ``segsynth/pretrained/`` or a directory ``save`` wrote), refusing one of another shape or dataset."""
+    from ..config import generator_init_path
+
+    directory = generator_init_path(init)
+    if not (directory / GENERATOR_META).is_file():
+        raise ConfigError("generators.*.init", f"{directory} is not a saved generator (no {GENERATOR_META})")
+    saved = MaskToImageGenerator.load(directory)
+    for key in ("class_names", "channels", "resolution", "conditioning"):
+        if saved.meta.get(key) != generator.meta.get(key):
+            raise ConfigError("generators.*.init", f"{directory} has {key} {saved.meta.get(key)!r}, this generator "
+                              f"{generator.meta.get(key)!r}")
+    for key in ("prediction_type", "beta_schedule", "num_train_timesteps"):
+        if saved.noise_scheduler.config[key] != generator.noise_scheduler.config[key]:
+            raise ConfigError("generators.*.init", f"{directory} was trained with {key} "
+                              f"{saved.noise_scheduler.config[key]!r}, this generator has "
+                              f"{generator.noise_scheduler.config[key]!r}")
+    for name in ("unet", "controlnet", "prompt_embedding"):
+        ours, theirs = getattr(generator, name), getattr(saved, name)
+        if (ours is None) != (theirs is None):
+            raise ConfigError("generators.*.init", f"{directory} has {'no ' if theirs is None else ''}{name}, "
+                              f"this generator {'has' if ours is not None else 'has none'}")
+        if ours is None:
+            continue
+        try:
+            ours.load_state_dict(theirs.state_dict())
+        except RuntimeError as error:  # another architecture (block widths, layers, attention)
+            raise ConfigError("generators.*.init", f"{directory}: its {name} does not fit this generator's "
+                              f"config: {str(error).splitlines()[0]}") from None
+
+
+def _tiny_unet(cfg: dict, channels: int, resolution, extra_inputs: int = 0) -> UNet2DConditionModel:
     """A small UNet2DConditionModel with cross-attention only at the lowest resolution (full-resolution
-    attention costs ~10× more per step on a CPU)."""
+    attention costs ~10× more per step on a CPU); ``extra_inputs`` conditioning channels are concatenated to
+    its input."""
     widths = tuple(cfg["block_out_channels"])
     return UNet2DConditionModel(
-        sample_size=resolution[0], in_channels=channels, out_channels=channels, block_out_channels=widths,
+        sample_size=resolution[0], in_channels=channels + extra_inputs, out_channels=channels, block_out_channels=widths,
         layers_per_block=cfg["layers_per_block"],
         down_block_types=("DownBlock2D",) * (len(widths) - 1) + ("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (len(widths) - 1),

@@ -1,10 +1,12 @@
 """Fine-tune the mask-to-image generator (the ControlNet recipe of diffusers' ``train_controlnet.py``).
 
 With a pretrained Stable Diffusion the UNet, VAE and text encoder stay frozen and only the ControlNet learns;
-a tiny random-init generator trains its UNet, ControlNet and prompt embedding together (a random UNet knows no
-images). Loss: ε-prediction MSE; the prompt is dropped to the unconditional one with probability
-``prompt_dropout`` so classifier-free guidance works at sampling time; optional Min-SNR-γ loss weighting. Resumable at every ``checkpoint_every``
-steps; batches and noise come from ``(seed, step)``, so a resumed run matches an uninterrupted one.
+a tiny generator trains its UNet, ControlNet (if it has one) and prompt embedding together, from random weights
+or from its ``init`` checkpoint. Loss: MSE on the network's target (ε, v or x0: the generator's
+``prediction_type``); the prompt is dropped to the unconditional one with probability ``prompt_dropout`` so
+classifier-free guidance works at sampling time; optional Min-SNR-γ loss weighting. Resumable at every
+``checkpoint_every`` steps; batches and noise come from ``(seed, step)``, so a resumed run matches an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
                                 prompt_template).to(device)
 
     pretrained = bool(cfg.get("pretrained"))
-    trainable = [generator.controlnet]
+    trainable = [generator.controlnet] if generator.controlnet is not None else []
     if not pretrained or train_cfg["train_unet"]:
         trainable.append(generator.unet)
     if generator.prompt_embedding is not None:
@@ -71,7 +73,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     if train_cfg.get("gradient_checkpointing"):
         # diffusers' switch: activations recomputed in the backward pass (memory for time, same numbers)
         for module in (generator.controlnet, generator.unet):
-            if any(module is m for m in trainable):
+            if module is not None and any(module is m for m in trainable):
                 module.enable_gradient_checkpointing()
 
     optimizer = torch.optim.AdamW(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
@@ -120,12 +122,15 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
                 uncond = generator.encode_prompt(masks, unconditional=True)
             prompt = torch.where(drop.to(device).view(-1, 1, 1), uncond, prompt)
         with autocast(dtype, device):
-            eps = generator.predict_noise(x_t, t, generator.mask_condition(masks), prompt)
-        loss = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)
+            output = generator.model_output(x_t, t, generator.mask_condition(masks), prompt)
+        target = generator.training_target(x0, noise, t)
+        loss = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
         if train_cfg.get("snr_gamma"):
-            # Min-SNR-γ weighting (Hang et al. 2023, as in diffusers' training examples): min(SNR, γ)/SNR for ε.
+            # Min-SNR-γ weighting (Hang et al. 2023, as in diffusers' training examples): min(SNR, γ) over the
+            # target's own SNR weight: SNR for ε, SNR + 1 for v, 1 for x0.
             snr = compute_snr(scheduler, t)
-            loss = loss * torch.clamp(snr, max=train_cfg["snr_gamma"]) / snr
+            own = {"epsilon": snr, "v_prediction": snr + 1}.get(scheduler.config.prediction_type, torch.ones_like(snr))
+            loss = loss * torch.clamp(snr, max=train_cfg["snr_gamma"]) / own
         loss = loss.mean()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

@@ -15,11 +15,6 @@ def sample_generators(noise_seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in noise_seeds]
 
 
-def per_sample_randn(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    """A (B, ...) standard normal tensor whose row b comes from ``generators[b]``."""
-    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
-
-
 class NoiseStream:
     """Per-sample standard normal draws of one shape, in order, on ``device``.
 

@@ -55,8 +55,12 @@ def real_only_settings(entry: dict) -> dict:
 
 
 def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Iterable = (),
-                    checkpoint_dir=None, threads: int = 1, precision: str = "fp32", init_dir=None) -> None:
+                    checkpoint_dir=None, threads: int = 1, precision: str = "fp32", init_dir=None,
+                    include_real: bool = True) -> None:
     """Train one segmenter on the real training split and the given synthetic sets.
+
+    ``include_real=False`` trains on the synthetic sets alone, from scratch whatever the protocol (the LAW
+    paper's test of a generator: how well a segmenter learns from its images only).
 
     ``protocol: scratch`` (the default): a fresh network on the real training split pooled with the synthetic
     sets. ``protocol: continue`` with synthetic sets: start from the real-only model ``init_dir`` and continue on
@@ -79,6 +83,13 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
     if init_dir is not None and protocol != "continue":
         raise ConfigError("segmenters.protocol", f"an initial model ({init_dir}) is only used by protocol 'continue', "
                           f"this segmenter's is '{protocol}'")
+    if not include_real:
+        if not synthetic_dirs:
+            raise ConfigError("segmenters", "a synthetic-only segmenter needs at least one synthetic set")
+        if init_dir is not None:
+            raise ConfigError("segmenters.protocol", "a synthetic-only segmenter trains from scratch, without "
+                              f"an initial model ({init_dir})")
+        protocol = "scratch"
     continuing = protocol == "continue" and bool(synthetic_dirs)
     if continuing and init_dir is None:
         raise ConfigError("segmenters.protocol",
@@ -92,13 +103,14 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
         _train_continue(cfg, real, synthetic, class_names, out_dir, checkpoint_dir, seed, precision,
                         Path(init_dir), synthetic_dirs)
         return
-    images = np.concatenate([real.images, *(s.images for s in synthetic)])
-    masks = np.concatenate([real.masks, *(s.masks for s in synthetic)])
+    n_real = len(real.images) if include_real else 0
+    images = np.concatenate([real.images[:n_real], *(s.images for s in synthetic)])
+    masks = np.concatenate([real.masks[:n_real], *(s.masks for s in synthetic)])
 
     segmenter = get_segmenter_class(cfg["kind"])(cfg, images.shape[1], len(class_names), class_names)
     segmenter.precision = precision
-    stats = segmenter.train(images, masks, checkpoint_dir, seed, synthetic_from=len(real.images))
-    stats.update(seed=int(seed), n_real=int(len(real.images)), n_synthetic=int(len(images) - len(real.images)),
+    stats = segmenter.train(images, masks, checkpoint_dir, seed, synthetic_from=n_real)
+    stats.update(seed=int(seed), n_real=int(n_real), n_synthetic=int(len(images) - n_real),
                  synthetic_dirs=[str(d) for d in synthetic_dirs])
     segmenter.save(out_dir, train_stats=stats)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)

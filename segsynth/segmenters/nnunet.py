@@ -631,6 +631,15 @@ class NnUNetSegmenter(Segmenter):
         write_json(marker_path, marker)
         return marker, marker["seconds"]
 
+    def _node_settings(self, what: str) -> tuple[int, bool]:
+        """The job's augmentation workers (its threads, capped by the CPU affinity) and whether torch.compile
+        runs, logged; both trainers start with it."""
+        workers = augmentation_workers(self.options["data_workers"])
+        compiled = bool(self.options["compile"]) and compile_supported(self.device)
+        log.info("%s: %d augmentation worker(s), torch.compile %s, device %s", what, workers,
+                 "on" if compiled else "off", self.device)
+        return workers, compiled
+
     def train(self, images: np.ndarray, masks: np.ndarray, checkpoint_dir, seed: int,
               log_every: int = 50, synthetic_from: int | None = None) -> dict:
         """Train nnU-Net on the pool; rows >= ``synthetic_from`` are synthetic (None: all real).
@@ -648,10 +657,7 @@ class NnUNetSegmenter(Segmenter):
             raise ConfigError("segmenters.fold", "an integer fold validates on real cases, and there are none")
         folders = self.job_folders(checkpoint_dir)
         started = time.monotonic()
-        workers = augmentation_workers(self.options["data_workers"])
-        compiled = bool(self.options["compile"]) and compile_supported(self.device)
-        log.info("nnunet: %d augmentation worker(s), torch.compile %s, device %s", workers,
-                 "on" if compiled else "off", self.device)
+        workers, compiled = self._node_settings("nnunet")
         with nnunet_paths(folders["raw"], folders["preprocessed"], folders["results"], workers):
             marker, prepare_seconds = self.prepare(images, masks, folders, synthetic_from)
             cls = trainer_class(self.options["trainer"])
@@ -738,10 +744,7 @@ class NnUNetSegmenter(Segmenter):
         splits = [{"train": real_ids + synthetic_ids, "val": val_ids}]
         folders = self.job_folders(checkpoint_dir)
         started = time.monotonic()
-        workers = augmentation_workers(self.options["data_workers"])
-        compiled = bool(self.options["compile"]) and compile_supported(self.device)
-        log.info("nnunet continue: %d augmentation worker(s), torch.compile %s, device %s", workers,
-                 "on" if compiled else "off", self.device)
+        workers, compiled = self._node_settings("nnunet continue")
         with nnunet_paths(folders["raw"], folders["preprocessed"], folders["results"], workers):
             _, prepare_seconds = self.prepare_continue(images, masks, cases, splits, folders, init_folder)
             cls = trainer_class(self.options["trainer"], continuation=True)
