@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(SNAKEMAKE) --profile profiles/local
 	$(MAKE) --no-print-directory report
 	@echo
-	@echo "Tables:  results/tables/main.md  results/tables/main.parquet  results/tables/adherence.md"
+	@echo "Tables:  results/tables/main.md  results/tables/main.parquet  results/tables/synthetic_only.md  results/tables/fidelity.md"
 	@echo "Figures: results/figures/"
 	@echo "Report:  results/report.html"
 
