@@ -92,3 +92,18 @@ def train_tiny_models(root, segmenter_cfg: dict, generator_cfg: dict | None = No
     train_generator(generator_cfg or TINY_GENERATOR, data, root / "gen", seed=0)
     train_segmenter(segmenter_cfg, data, root / "seg", seed=0)
     return data, root / "gen", root / "seg"
+
+
+@pytest.fixture(scope="session")
+def e2e_reference(tmp_path_factory):
+    """One uninterrupted run of the whole DAG on tests/config/e2e.yaml, shared by the slow tier: the end-to-end
+    test works on a copy of it, the kill test compares its killed-and-rerun results with it."""
+    import shutil
+
+    from test_workflow import E2E_CONFIG, snakemake
+
+    workdir = tmp_path_factory.mktemp("e2e_reference")
+    shutil.copy(E2E_CONFIG, workdir / "config.yaml")
+    run = snakemake("--configfile", "config.yaml", "--cores", "2", cwd=workdir)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return workdir
