@@ -28,7 +28,8 @@ def sample_grid(data_dir, synthetic_dirs: dict[str, Path], out_png, n: int = 6, 
     volume: across the anatomy); rows: the real image, its mask, then one synthetic image per method generated
     from that same mask (``records.parquet`` column ``source_sample_id``).
 
-    Only the first image channel is shown, in grey; masks use a categorical colormap (background black).
+    RGB images are shown in colour, others by their first channel in grey; masks use a categorical colormap
+    (background black).
     """
     from .data.canonical import load_split, read_meta
 
@@ -142,7 +143,11 @@ def _mask_colormap(num_classes: int) -> ListedColormap:
 
 
 def _show_image(ax: Axes, image: np.ndarray) -> None:
-    ax.imshow(image[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    """A (C, H, W) image in [0, 1]: RGB as it is, any other channel count by its first channel in grey."""
+    if image.shape[0] == 3:
+        ax.imshow(np.clip(image.transpose(1, 2, 0), 0.0, 1.0), interpolation="nearest")
+    else:
+        ax.imshow(image[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
 
 
 def _save_png(fig: Figure, out_png) -> None:
