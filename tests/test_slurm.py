@@ -138,7 +138,7 @@ def test_the_dag_runs_through_slurm_and_matches_a_local_run(tmp_path, local_refe
         rows = job_rows(name, after=before)
         assert rows and {state for _, state, _ in rows} == {"COMPLETED"}, (name, rows)
         partitions[name] = {partition for _, _, partition in rows}
-    assert len(jobs(after=before)) == 5, jobs(after=before)  # 5 SLURM jobs for 9 cluster rule jobs
+    assert len(jobs(after=before)) == 5, jobs(after=before)  # 5 SLURM jobs for 10 cluster rule jobs
     # The partition file: gpu=1 jobs (groups holding one) on the GPU partition, the others on the CPU one.
     assert partitions == {"splits": {"cpu"}, "train_generator": {"gpu"}, "segmenter_real": {"gpu"},
                           "synthesis": {"gpu"}, "segmenter_augmented": {"gpu"}}, partitions
