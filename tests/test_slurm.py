@@ -134,14 +134,15 @@ def test_the_dag_runs_through_slurm_and_matches_a_local_run(tmp_path, local_refe
     log = run.stdout + run.stderr
     assert "Using profiles slurm" in log and "Job stats" in log
     partitions = {}
-    for name in ("splits", "train_generator", "segmenter_real", "synthesis", "segmenter_augmented"):
+    for name in ("splits", "train_generator", "segmenter_real", "fidelity_reference", "synthesis",
+                 "segmenter_augmented"):
         rows = job_rows(name, after=before)
         assert rows and {state for _, state, _ in rows} == {"COMPLETED"}, (name, rows)
         partitions[name] = {partition for _, _, partition in rows}
-    assert len(jobs(after=before)) == 5, jobs(after=before)  # 5 SLURM jobs for 10 cluster rule jobs
+    assert len(jobs(after=before)) == 6, jobs(after=before)  # 6 SLURM jobs for 11 cluster rule jobs
     # The partition file: gpu=1 jobs (groups holding one) on the GPU partition, the others on the CPU one.
     assert partitions == {"splits": {"cpu"}, "train_generator": {"gpu"}, "segmenter_real": {"gpu"},
-                          "synthesis": {"gpu"}, "segmenter_augmented": {"gpu"}}, partitions
+                          "fidelity_reference": {"gpu"}, "synthesis": {"gpu"}, "segmenter_augmented": {"gpu"}}, partitions
     # A gpu=1 rule asked SLURM for the (fake) GPU.
     generator_job = jobs("train_generator", after=before)[-1][0]
     details = subprocess.run(["scontrol", "show", "job", str(generator_job)], capture_output=True, text=True).stdout
