@@ -4,6 +4,13 @@
 SEGMENTER_PROTOCOL_KEYS = ("protocol", "continue_steps", "continue_epochs", "val_fraction", "val_every", "cutmix_p")
 
 
+def real_only_params(wildcards):
+    """A segmenter entry's science without its protocol keys: what decides a model trained from scratch on one
+    data source (the real-only model, a synthetic-only model)."""
+    entry = science("segmenter", config["segmenters"][wildcards.segmenter])
+    return {key: value for key, value in entry.items() if key not in SEGMENTER_PROTOCOL_KEYS}
+
+
 rule train_segmenter_real:
     """Real-only downstream model: the Baseline row, and the frozen value estimator f_θ of guided samplers."""
     input:
@@ -13,11 +20,7 @@ rule train_segmenter_real:
         directory("results/{dataset}/segmenters/{segmenter}/real"),
     params:
         # the job reads runtime settings (checkpoint_every, data_workers) from the config; without the protocol keys
-        segmenter=lambda wc: {
-            key: value
-            for key, value in science("segmenter", config["segmenters"][wc.segmenter]).items()
-            if key not in SEGMENTER_PROTOCOL_KEYS
-        },
+        segmenter=real_only_params,
         seed=config["seeds"]["segmenter"],
         code=code("train_segmenter"),
         precision=config["precision"],  # segsynth.precision: float32 on CPUs whatever it says
@@ -79,12 +82,7 @@ rule train_segmenter_synthetic_only:
     output:
         directory("results/{dataset}/synthetic_only/segmenters/{segmenter}/{generator}/{method}/seed{seed}"),
     params:
-        # scratch training whatever the protocol: the protocol keys do not decide this model
-        segmenter=lambda wc: {
-            key: value
-            for key, value in science("segmenter", config["segmenters"][wc.segmenter]).items()
-            if key not in SEGMENTER_PROTOCOL_KEYS
-        },
+        segmenter=real_only_params,  # scratch training whatever the protocol
         seed=config["seeds"]["segmenter"],
         include_real=False,
         code=code("train_segmenter"),
