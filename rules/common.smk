@@ -49,6 +49,13 @@ def torch_env():
     return f"../envs/torch-{config['torch_build']}.yaml"
 
 
+def real_only_params(wildcards):
+    """A segmenter entry's science without its protocol keys: what decides a model trained from scratch on one
+    data source (the real-only model, a synthetic-only model)."""
+    entry = science("segmenter", config["segmenters"][wildcards.segmenter])
+    return {key: value for key, value in entry.items() if key not in SEGMENTER_PROTOCOL_KEYS}
+
+
 def synthesis_params(wildcards):
     """What decides a synthetic set: the method's settings without runtime ones (the batch size)."""
     return science("synthesis", method_params(config, wildcards.dataset, wildcards.method))

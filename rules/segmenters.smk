@@ -4,13 +4,6 @@
 SEGMENTER_PROTOCOL_KEYS = ("protocol", "continue_steps", "continue_epochs", "val_fraction", "val_every", "cutmix_p")
 
 
-def real_only_params(wildcards):
-    """A segmenter entry's science without its protocol keys: what decides a model trained from scratch on one
-    data source (the real-only model, a synthetic-only model)."""
-    entry = science("segmenter", config["segmenters"][wildcards.segmenter])
-    return {key: value for key, value in entry.items() if key not in SEGMENTER_PROTOCOL_KEYS}
-
-
 rule train_segmenter_real:
     """Real-only downstream model: the Baseline row, and the frozen value estimator f_θ of guided samplers."""
     input:
