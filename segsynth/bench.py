@@ -458,14 +458,13 @@ def time_samplers(variants: dict[str, tuple[dict, int]], generator, value_model,
 def method_entry(config: dict, dataset: str, name: str, base: dict, overrides: dict) -> dict:
     """The settings of ``name``: config synthesis < dataset guidance scale < ``methods.<name>`` < base <
     command-line overrides."""
-    from .config import method_params
+    from .config import method_params, synthesis_defaults
 
     config_name = CONFIG_METHOD.get(name, name)
     if config_name in config.get("methods", {}):
         params = method_params(config, dataset, config_name)
     else:
-        params = dict(config["synthesis"])
-        params.update({k: v for k, v in config["datasets"][dataset].items() if k == "guidance_scale"})
+        params = synthesis_defaults(config, dataset)
     params.update(base)
     params.update(overrides)
     return params

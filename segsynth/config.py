@@ -155,17 +155,30 @@ def canonical(value):
     return value
 
 
-def method_params(config: dict, dataset: str, method: str) -> dict:
-    """The settings of one synthesis job: synthesis defaults < the dataset's guidance scale < the method entry."""
+def synthesis_defaults(config: dict, dataset: str) -> dict:
+    """The synthesis settings of ``dataset``: config ``synthesis`` with the dataset's own guidance scales."""
     params = dict(config["synthesis"])
-    if "guidance_scale" in config["datasets"][dataset]:
-        params["guidance_scale"] = config["datasets"][dataset]["guidance_scale"]
+    for key in ("guidance_scale", "mask_guidance_scale"):
+        if key in config["datasets"][dataset]:
+            params[key] = config["datasets"][dataset][key]
+    return params
+
+
+def method_params(config: dict, dataset: str, method: str) -> dict:
+    """The settings of one synthesis job: synthesis defaults < the dataset's guidance scales < the method entry."""
+    params = synthesis_defaults(config, dataset)
     params.update(config["methods"][method])
     return canonical(params)
 
 
+def denoiser_passes(params: dict) -> int:
+    """Denoiser evaluations per sampling step: the conditional one, plus one per classifier-free guidance
+    that is on (prompt, mask; segsynth.generator.model.MaskToImageGenerator.guided_noise)."""
+    return 1 + (params["guidance_scale"] != 1.0) + (params.get("mask_guidance_scale", 1.0) != 1.0)
+
+
 #: the settings that decide an RD sample besides its seed, mask and generator (GAUDA's candidate 0 shares them)
-_DDIM_KEYS = ("steps", "eta", "guidance_scale", "budget")
+_DDIM_KEYS = ("steps", "eta", "guidance_scale", "mask_guidance_scale", "budget")
 
 
 def candidate_source(config: dict, dataset: str, method: str) -> str | None:
@@ -181,7 +194,7 @@ def candidate_source(config: dict, dataset: str, method: str) -> str | None:
     for other in config["run"]["methods"]:
         if config["methods"].get(other, {}).get("sampler") == "ddim":
             theirs = method_params(config, dataset, other)
-            if all(theirs[key] == mine[key] for key in _DDIM_KEYS):
+            if all(theirs.get(key) == mine.get(key) for key in _DDIM_KEYS):
                 return other
     return None
 

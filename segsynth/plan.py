@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import budget_methods, candidate_source, method_params, read_configs
+from .config import budget_methods, candidate_source, denoiser_passes, method_params, read_configs
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -383,7 +383,7 @@ def synthesis_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
     p = method_params(config, d, m)
     latent = _latent(config, g)
     n = int(round(float(p["budget"]) * ctx.sizes[d]["train"]))
-    step = (STEP_S if latent else TINY_STEP_S) * _pixels(config, d) * (1.0 if p["guidance_scale"] > 1 else 0.5)
+    step = (STEP_S if latent else TINY_STEP_S) * _pixels(config, d) * 0.5 * denoiser_passes(p)
     kind = SAMPLER_KIND[p["sampler"]]
     reused = scenario.nested and candidate_source(config, d, m) is not None
     per_image = sampler_steps(p, latent, reused) * step

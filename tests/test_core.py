@@ -69,10 +69,11 @@ def _default_config():
 def test_the_default_config_is_valid_and_method_params_merge_in_order():
     config = _default_config()
     validate_config(config)
-    config["datasets"]["mni152"]["guidance_scale"] = 3.0
+    config["datasets"]["mni152"].update(guidance_scale=3.0, mask_guidance_scale=2.0)
     config["methods"]["rd"] = {"sampler": "ddim", "steps": 7}
+    validate_config(config)
     params = method_params(config, "mni152", "rd")
-    assert params["steps"] == 7 and params["guidance_scale"] == 3.0
+    assert params["steps"] == 7 and params["guidance_scale"] == 3.0 and params["mask_guidance_scale"] == 2.0
     assert params["budget"] == config["synthesis"]["budget"]
 
 

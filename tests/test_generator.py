@@ -169,6 +169,50 @@ def test_concat_conditioning_feeds_the_mask_as_input_channels(tmp_path, tiny_dat
     assert images.shape == (1, 1, 16, 16) and images.abs().max() <= 1.0
 
 
+@pytest.mark.parametrize("conditioning", ["concat", "controlnet"])
+def test_mask_guidance_extrapolates_from_the_unconditional_model(conditioning, tiny_generator_cfg):
+    gen = build_generator(dict(tiny_generator_cfg, conditioning=conditioning), ["background", "ring", "core"], 1,
+                          (16, 16), seed=0).eval()
+    if gen.controlnet is not None:  # its zero convolutions would hide the mask from an untrained UNet
+        torch.manual_seed(0)
+        for p in gen.controlnet.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+    masks = torch.zeros(2, 16, 16, dtype=torch.long)
+    masks[:, 4:12, 4:12] = 1
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([300, 700])
+    cond, prompt, null = gen.mask_condition(masks), gen.encode_prompt(masks), gen.encode_prompt(masks, True)
+    with torch.no_grad():
+        full = gen.predict_noise(x, t, cond, prompt)
+        mask_only = gen.predict_noise(x, t, cond, null)
+        nothing = gen.predict_noise(x, t, torch.zeros_like(cond), null)
+        assert not torch.allclose(nothing, mask_only)  # the null condition is a different input
+        expected = {(1.0, 3.0): nothing + 3.0 * (full - nothing),
+                    (2.0, 1.0): mask_only + 2.0 * (full - mask_only),
+                    (2.0, 3.0): nothing + 3.0 * (mask_only - nothing) + 2.0 * (full - mask_only),
+                    (1.0, 1.0): full}
+        for (prompt_scale, mask_scale), want in expected.items():
+            got = gen.guided_noise(x, t, cond, prompt, null, prompt_scale, mask_scale)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=str((prompt_scale, mask_scale)))
+
+
+def test_mask_dropout_trains_on_the_null_condition(tmp_path, tiny_data, tiny_generator_cfg, monkeypatch):
+    seen = []
+    original = MaskToImageGenerator.model_output
+
+    def spy(self, x_t, t, cond_image, prompt):
+        seen.append(cond_image.flatten(1).sum(1) == 0)
+        return original(self, x_t, t, cond_image, prompt)
+
+    monkeypatch.setattr(MaskToImageGenerator, "model_output", spy)
+    cfg = dict(tiny_generator_cfg, conditioning="concat")
+    train_generator(dict(cfg, training=dict(cfg["training"], mask_dropout=0.5)), tiny_data, tmp_path / "a", seed=0)
+    dropped = torch.cat(seen)
+    assert 0 < dropped.sum() < len(dropped)  # some samples saw no mask, some their one-hot mask
+    seen.clear()
+    train_generator(cfg, tiny_data, tmp_path / "b", seed=0)
+    assert not torch.cat(seen).any()
+
+
 def test_init_starts_from_a_saved_generator_and_refuses_one_that_does_not_fit(tmp_path, tiny_data,
                                                                               tiny_generator_cfg):
     cfg = dict(tiny_generator_cfg, conditioning="concat", prediction_type="v_prediction")

@@ -177,14 +177,39 @@ class MaskToImageGenerator(torch.nn.Module):
             self._alphas_cumprod_cache = cached
         return cached
 
-    def guided_noise(self, x_t, t, cond_image, prompt, uncond_prompt, guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guidance; conditional and unconditional passes share one batched call."""
-        if guidance_scale == 1.0 or uncond_prompt is None:
+    def guided_noise(self, x_t, t, cond_image, prompt, uncond_prompt, guidance_scale: float,
+                     mask_guidance_scale: float = 1.0) -> torch.Tensor:
+        """Classifier-free guidance on the prompt (``guidance_scale``) and on the mask (``mask_guidance_scale``,
+        for generators trained with ``mask_dropout``); every pass shares one batched call.
+
+        Prompt only: ε(m, ∅) + s_p·(ε(m, c) − ε(m, ∅)). Mask (the whole condition) only: ε(∅, ∅) +
+        s_m·(ε(m, c) − ε(∅, ∅)). Both: InstructPix2Pix's two-condition rule (Brooks et al. 2023, eq. 3),
+        ε(∅, ∅) + s_m·(ε(m, ∅) − ε(∅, ∅)) + s_p·(ε(m, c) − ε(m, ∅)).
+        """
+        on_prompt, on_mask = guidance_scale != 1.0, mask_guidance_scale != 1.0
+        if uncond_prompt is None or not (on_prompt or on_mask):
             return self.predict_noise(x_t, t, cond_image, prompt)
-        eps = self.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([cond_image, cond_image]),
-                                 torch.cat([uncond_prompt, prompt]))
-        eps_uncond, eps_cond = eps.chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        passes = [(cond_image, prompt)]
+        if on_mask:
+            passes.append((self.null_condition(cond_image), uncond_prompt))
+        if on_prompt:
+            passes.append((cond_image, uncond_prompt))
+        n = len(passes)
+        if torch.is_tensor(t) and t.ndim:  # one timestep per sample: repeat it with the batch
+            t = t.repeat(n)
+        eps = self.predict_noise(torch.cat([x_t] * n), t, torch.cat([c for c, _ in passes]),
+                                 torch.cat([p for _, p in passes])).chunk(n)
+        if not on_mask:
+            return eps[1] + guidance_scale * (eps[0] - eps[1])
+        if not on_prompt:
+            return eps[1] + mask_guidance_scale * (eps[0] - eps[1])
+        return eps[1] + mask_guidance_scale * (eps[2] - eps[1]) + guidance_scale * (eps[0] - eps[2])
+
+    @staticmethod
+    def null_condition(cond_image: torch.Tensor) -> torch.Tensor:
+        """The "no mask" condition of mask dropout and mask guidance: all channels zero, which no one-hot mask
+        is (every pixel of a mask has exactly one class channel at 1)."""
+        return torch.zeros_like(cond_image)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Diffusion variable → image in [-1, 1] (identity in pixel space)."""

@@ -3,8 +3,9 @@
 With a pretrained Stable Diffusion the UNet, VAE and text encoder stay frozen and only the ControlNet learns;
 a tiny generator trains its UNet, ControlNet (if it has one) and prompt embedding together, from random weights
 or from its ``init`` checkpoint. Loss: MSE on the network's target (ε, v or x0: the generator's
-``prediction_type``); the prompt is dropped to the unconditional one with probability ``prompt_dropout`` so
-classifier-free guidance works at sampling time; optional Min-SNR-γ loss weighting. Resumable at every
+``prediction_type``); the prompt is dropped to the unconditional one with probability ``prompt_dropout``, and
+the whole condition (mask and prompt) with probability ``mask_dropout``, so classifier-free guidance on the prompt
+and on the mask works at sampling time; optional Min-SNR-γ loss weighting. Resumable at every
 ``checkpoint_every`` steps; batches and noise come from ``(seed, step)``, so a resumed run matches an
 uninterrupted one.
 """
@@ -115,6 +116,16 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g).to(device)
         x_t = scheduler.add_noise(x0, noise, t)
         drop = torch.rand(batch_size, generator=g) < train_cfg["prompt_dropout"]
+        cond_image = generator.mask_condition(masks)
+        mask_dropout = train_cfg.get("mask_dropout", 0.0)
+        if mask_dropout > 0:
+            # Dropping the mask drops the whole condition (mask and prompt): the unconditional model that mask
+            # guidance extrapolates away from. Drawn only when enabled, so older recipes keep their noise.
+            drop_mask = torch.rand(batch_size, generator=g) < mask_dropout
+            drop = drop | drop_mask
+            if drop_mask.any():
+                cond_image = torch.where(drop_mask.to(device).view(-1, 1, 1, 1),
+                                         generator.null_condition(cond_image), cond_image)
         with autocast(dtype, device):
             prompt = generator.encode_prompt(masks)
         if drop.any():  # decided on the CPU, where it was drawn: no wait for the GPU
@@ -122,7 +133,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
                 uncond = generator.encode_prompt(masks, unconditional=True)
             prompt = torch.where(drop.to(device).view(-1, 1, 1), uncond, prompt)
         with autocast(dtype, device):
-            output = generator.model_output(x_t, t, generator.mask_condition(masks), prompt)
+            output = generator.model_output(x_t, t, cond_image, prompt)
         target = generator.training_target(x0, noise, t)
         loss = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
         if train_cfg.get("snr_gamma"):

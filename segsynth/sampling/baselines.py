@@ -147,8 +147,7 @@ class _Baseline(Sampler):
         raise ConfigError(f"methods.*.{key}", f"sampler {self.NAME!r}: {problem}")
 
     def _trajectory(self, generator, masks, noise_seeds) -> DDIMTrajectory:
-        return DDIMTrajectory(generator, masks, noise_seeds, self.params["steps"], self.params["eta"],
-                              self.params["guidance_scale"])
+        return DDIMTrajectory.from_params(generator, masks, noise_seeds, self.params)
 
 
 class _GradientGuided(_Baseline):

@@ -14,10 +14,11 @@ class DDIMTrajectory:
     """
 
     def __init__(self, generator, masks: torch.Tensor, noise_seeds: list[int], steps: int, eta: float,
-                 guidance_scale: float, initial_noise: torch.Tensor | None = None):
+                 guidance_scale: float, initial_noise: torch.Tensor | None = None, mask_guidance_scale: float = 1.0):
         self.generator = generator
         self.eta = eta
         self.guidance_scale = guidance_scale
+        self.mask_guidance_scale = mask_guidance_scale
         device = generator.device
         self.scheduler = generator.sampling_scheduler()
         # The scheduler's timesteps stay on the CPU: DDIMScheduler.step looks its ᾱ up with them, and a CPU
@@ -28,7 +29,8 @@ class DDIMTrajectory:
         with torch.no_grad():
             self.cond = generator.mask_condition(masks)
             self.prompt = generator.encode_prompt(masks)
-            self.uncond = generator.encode_prompt(masks, unconditional=True) if guidance_scale != 1.0 else None
+            guided = guidance_scale != 1.0 or mask_guidance_scale != 1.0
+            self.uncond = generator.encode_prompt(masks, unconditional=True) if guided else None
         shape = generator.latent_shape(len(masks))
         # Each sample's stream: x_T first, then one σ_t·ε per step (η > 0), then whatever a sampler draws more
         # (re-noising, VAE encoding), in the order it asks; a sampler that replaces x_T (the Miner) keeps the
@@ -38,13 +40,21 @@ class DDIMTrajectory:
         self.x_T = x_T if initial_noise is None else initial_noise.to(device)
         self.x = self.x_T * self.scheduler.init_noise_sigma
 
+    @classmethod
+    def from_params(cls, generator, masks: torch.Tensor, noise_seeds: list[int], params: dict,
+                    initial_noise: torch.Tensor | None = None) -> "DDIMTrajectory":
+        """The trajectory a sampler's ``params`` (its method's config over the synthesis defaults) describe."""
+        return cls(generator, masks, noise_seeds, params["steps"], params["eta"], params["guidance_scale"],
+                   initial_noise, params.get("mask_guidance_scale", 1.0))
+
     @property
     def timesteps(self):
         return self.scheduler.timesteps
 
     def noise(self, x_t: torch.Tensor, t) -> torch.Tensor:
         t = self._device_timesteps.get(int(t), t)
-        return self.generator.guided_noise(x_t, t, self.cond, self.prompt, self.uncond, self.guidance_scale)
+        return self.generator.guided_noise(x_t, t, self.cond, self.prompt, self.uncond, self.guidance_scale,
+                                           self.mask_guidance_scale)
 
     def next_noise(self) -> torch.Tensor:
         """The next standard normal draw of every sample's stream, (B, ...) on the device."""
@@ -68,8 +78,7 @@ class DDIMSampler(Sampler):
 
     @torch.no_grad()
     def sample(self, generator, masks, noise_seeds, value_model=None, source_images=None):
-        traj = DDIMTrajectory(generator, masks, noise_seeds, self.params["steps"], self.params["eta"],
-                              self.params["guidance_scale"])
+        traj = DDIMTrajectory.from_params(generator, masks, noise_seeds, self.params)
         for t in traj.timesteps:
             traj.x = traj.step(traj.noise(traj.x, t), t, traj.x).prev_sample
         return traj.decode(), [{} for _ in noise_seeds]

@@ -33,8 +33,7 @@ class MinerSampler(Sampler):
 
         if self.miner is None:
             raise ValueError("the miner sampler needs a trained Miner (attach_miner; the train_miner rule makes one)")
-        traj = DDIMTrajectory(generator, masks, noise_seeds, self.params["steps"], self.params["eta"],
-                              self.params["guidance_scale"])
+        traj = DDIMTrajectory.from_params(generator, masks, noise_seeds, self.params)
         miner = self.miner.to(traj.x_T.device)
         delta_mu, delta_sigma = miner(initial_score(generator, traj.x_T, masks))
         traj.x_T = miner.resample(traj.x_T, delta_mu, delta_sigma)

@@ -225,8 +225,7 @@ class VGDSampler(Sampler):
         if value_model is None:
             raise ValueError("the vgd sampler needs the frozen segmenter f_θ (value_model)")
         o = self.opts
-        traj = DDIMTrajectory(generator, masks, noise_seeds, self.params["steps"], self.params["eta"],
-                              self.params["guidance_scale"])
+        traj = DDIMTrajectory.from_params(generator, masks, noise_seeds, self.params)
         decode = self.guidance_decoder(generator)
         masks = masks.long().to(traj.x.device)
         batch = len(noise_seeds)
