@@ -4,8 +4,8 @@ import re
 from pathlib import Path
 
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
-                             canonical, check_references, dataset_sources, method_params, science, subset_name,
-                             weight_sources)
+                             canonical, check_references, dataset_sources, method_params, miner_schedule, science,
+                             subset_name, weight_sources)
 from segsynth.provenance import code_version
 
 check_references(config)

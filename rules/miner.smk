@@ -11,6 +11,8 @@ rule train_miner:
     params:
         miner=science("miner", config["miner"]),  # the job reads checkpoint_every from the config
         seed=config["seeds"]["miner"],
+        # the miner method's sampling schedule: training rollouts are its first miner.rollout_steps steps
+        schedule=lambda wildcards: miner_schedule(config, wildcards.dataset),
         code=code("train_miner"),
         precision=config["precision"],  # segsynth.precision: float32 on CPUs whatever it says
     log:

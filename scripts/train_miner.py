@@ -10,6 +10,7 @@ run_logged(
     value_model_dir=snakemake.input.value_model,
     out_dir=snakemake.output[0],
     seed=snakemake.params.seed,
+    schedule=snakemake.params.schedule,
     threads=snakemake.threads,
     precision=snakemake.params.precision,
 )

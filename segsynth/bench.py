@@ -180,10 +180,11 @@ def build_tiny(config: dict, dataset: str, out: Path, resolution: int, generator
     if not paths["segmenter"].exists():
         train_segmenter(seg_cfg, paths["data"], paths["segmenter"], seed=seed)
     if not paths["miner"].exists():
+        from .config import miner_schedule
         from .miner import train_miner
 
         train_miner(config["miner"], paths["data"], paths["generator"], paths["segmenter"], paths["miner"],
-                    seed=seed)
+                    seed=seed, schedule=miner_schedule(config, dataset))
     log.info("built tiny models in %s in %.0f s", out, time.perf_counter() - began)
     return paths
 
@@ -257,8 +258,7 @@ def sd15_models(config: dict, dataset: str, data_dir, value_segmenter: str, devi
                                                 seeds.get("segmenter", 0))
     miner_cfg = config["miner"]
     torch.manual_seed(seeds.get("miner", 0))
-    miner = AdversarialityMiner(generator.latent_shape(1)[1], miner_cfg.get("channels", [16, 32]),
-                                miner_cfg.get("mu_bound", 3.0), miner_cfg.get("sigma_bound", 0.9))
+    miner = AdversarialityMiner.from_config(generator.latent_shape(1)[1], miner_cfg)
     miner = miner.requires_grad_(False).eval().to(device)
     value_model = value_model.to(device)
 

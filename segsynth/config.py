@@ -75,6 +75,8 @@ def check_references(config: dict) -> None:
     for key, name in named:
         if name not in config["methods"]:
             raise ConfigError(key, f"{name!r} is not defined under 'methods' (defined: {sorted(config['methods'])})")
+    for dataset in run["datasets"]:
+        miner_schedule(config, dataset)
 
 
 def budget_methods(config: dict) -> dict[str, dict]:
@@ -169,6 +171,41 @@ def method_params(config: dict, dataset: str, method: str) -> dict:
     params = synthesis_defaults(config, dataset)
     params.update(config["methods"][method])
     return canonical(params)
+
+
+#: the settings of a method that decide its DDIM trajectory (its x_T, steps and denoiser), which the Miner is
+#: trained on: a Miner trained on one schedule's prefix is not the Miner of another schedule
+SCHEDULE_KEYS = ("steps", "eta", "guidance_scale", "mask_guidance_scale")
+
+
+def used_methods(config: dict) -> list[str]:
+    """The methods a run synthesises: ``run.methods`` and those its analyses name, in that order, once each."""
+    analyses = config.get("analyses") or {}
+    names = list(config["run"]["methods"])
+    names += (analyses.get("budget") or {}).get("methods", [])
+    names += [analyses["subsets"]["method"]] if analyses.get("subsets") else []
+    names += (analyses.get("synthetic_only") or {}).get("methods", [])
+    return list(dict.fromkeys(names))
+
+
+def miner_schedule(config: dict, dataset: str) -> dict:
+    """The sampling schedule (``SCHEDULE_KEYS``) the Miner of ``dataset`` is trained for: that of the run's
+    methods whose sampler is "miner", which must agree, since one trained M_ξ serves them all (the Miner paper's
+    code trains on the first steps of the deployed schedule, at its guidance scale). Synthesis defaults when
+    no method uses the Miner."""
+    schedules = {}
+    for method in used_methods(config):
+        if config["methods"].get(method, {}).get("sampler") == "miner":
+            params = method_params(config, dataset, method)
+            schedules[method] = {key: params.get(key, 1.0) for key in SCHEDULE_KEYS}
+    if len({tuple(s.values()) for s in schedules.values()}) > 1:
+        raise ConfigError("methods", "the Miner is trained on the sampling schedule it is deployed with, so the "
+                          f"miner methods must share {', '.join(SCHEDULE_KEYS)}; on {dataset!r} they differ: "
+                          f"{schedules}")
+    if schedules:
+        return next(iter(schedules.values()))
+    params = synthesis_defaults(config, dataset)
+    return {key: params.get(key, 1.0) for key in SCHEDULE_KEYS}
 
 
 def denoiser_passes(params: dict) -> int:

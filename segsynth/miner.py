@@ -1,29 +1,30 @@
 """The Adversariality Miner (adversariality-miner.md, CVPR 2026): learn a shift of the initial noise of a frozen
 mask-to-image generator so that unmodified DDIM lands on samples the frozen segmenter f_θ gets wrong.
 
-- M_ξ reads the stop-gradient initial score of the frozen generator at the seed, S_init = sg(s_φ(x_T, T | ŷ)),
-  and predicts (Δμ, ΔΣ); the resampled seed is x_T^r = Δμ + √(1 + ΔΣ) ⊙ x_T, a draw from N(Δμ, I + ΔΣ)
-  that reuses the sample's own x_T as its standard-normal draw. The output head is zero-initialised, so an
-  untrained Miner returns x_T^r = 0 + √1 ⊙ x_T = x_T exactly (RD to the bit).
-- Objective (maximised): E[min(κ_up, ℓ_seg(f_θ(x_s^r), ŷ))] − β·KL(N(Δμ, I+ΔΣ) ‖ N(0, I)), with the
-  closed-form KL of :func:`gaussian_kl`.
+- M_ξ reads the stop-gradient initial score of the frozen generator at a probe seed x_T,
+  S_init = sg(s_φ(x_T, T | ŷ)), and predicts (Δμ, ΔΣ); the resampled seed is x_T^r = Δμ + √(1 + ΔΣ) ⊙ ε', a
+  draw from N(Δμ, I + ΔΣ) with ε' a fresh standard-normal draw of the sample's own stream (the paper's code
+  draws it; reusing the probe would tie the seed to the score it was chosen from). The output head is
+  zero-initialised, so an untrained Miner samples x_T^r = ε': RD's distribution, one draw further down the
+  stream.
+- Objective (maximised): E[min(κ_up, A(f_θ(x̂0^r), ŷ))] − β·KL(N(Δμ, I+ΔΣ) ‖ N(0, I)), with the closed-form KL
+  of :func:`gaussian_kl` and the adversariality A = 1 − exp(−ℓ_seg) (:func:`miner_reward`; the paper's code
+  bounds it so κ_up = 0.5 reads the same on every dataset; raw ℓ_seg is the ``reward: ce`` option).
+- Training rollouts are the deployed schedule's prefix (the paper's code: the first 10 of the 50 DDIM steps
+  it samples with, at the same CFG scale and η), scored on the Tweedie estimate x̂0 of the last step run.
+  The method's steps, η and guidance scales reach the train_miner job as its ``schedule``
+  (segsynth.config.miner_schedule), so changing them retrains the Miner.
 - Temporal stop-gradient: the denoiser is queried without gradient and the DDIM update stays differentiable,
-  so ∂x_{t_prev}/∂x_t = √(ᾱ_prev/ᾱ_t) at every step and ∂x_s/∂x_T^r = √(ᾱ_s/ᾱ_T) — the paper's constant
-  √(1/α_T) (ᾱ_s ≈ 1). :func:`stop_gradient_rollout` runs the rollout without a graph and attaches that
-  constant Jacobian in one step, which is the same gradient as chaining the per-step updates and needs no
-  activation memory; it also makes the gradient ignore the x̂0 clipping of pixel-space schedulers, as the
-  paper's closed form does.
+  so ∂x̂0/∂x_T^r = 1/√ᾱ_{t_0} (:func:`stop_gradient_prefix`, attached in one step without activation memory).
 
 Choices where the paper leaves a detail open (said in the config and README too):
 
 - s_φ(x_T, T) = −ε_φ(x_T, T)/σ_T; M_ξ is fed ε_φ itself (a constant factor apart), conditional on the mask,
-  without classifier-free guidance, at T = the last training timestep — the same input whatever the
-  sampling schedule, so a Miner trained on 10-step rollouts serves 25- or 50-step inference unchanged.
+  with the schedule's classifier-free guidance, at T = the last training timestep.
 - M_ξ is a small MONAI UNet over S_init followed by a zero-initialised 1×1 convolution to (a, b);
   Δμ = mu_bound·tanh(a) and ΔΣ = sigma_bound·tanh(b) with sigma_bound < 1, so 1 + ΔΣ > 0 and the shift is
   bounded by construction.
-- ℓ_seg is f_θ's mean pixel cross-entropy (natural log) against the conditioning mask, the scale on which
-  κ_up = 0.5 and the paper's subset thresholds τ ∈ {0.3, 0.4, 0.5} are read; KL is summed over the
+- ℓ_seg is f_θ's mean pixel cross-entropy (natural log) against the conditioning mask; KL is summed over the
   dimensions of x_T (the true divergence between the two Gaussians) and averaged over the batch.
 """
 
@@ -46,7 +47,6 @@ from .errors import InputDataError
 from .generator import MaskToImageGenerator
 from .io import atomic_dir, write_json
 from .precision import autocast, compute_dtype, configure, grad_scaler
-from .sampling.base import NoiseStream
 from .sampling.ddim import DDIMTrajectory
 from .sampling.value import value_terms
 from .training import Checkpointer, default_device, set_torch_threads, step_rng
@@ -67,24 +67,47 @@ def gaussian_kl(delta_mu: torch.Tensor, delta_sigma: torch.Tensor) -> torch.Tens
 class AdversarialityMiner(torch.nn.Module):
     """M_ξ: initial score S_init (B, C, h, w) → (Δμ, ΔΣ), each (B, C, h, w), bounded; zero at initialisation."""
 
-    def __init__(self, channels: int, features=(16, 32), mu_bound: float = 3.0, sigma_bound: float = 0.9):
+    def __init__(self, channels: int, features=(16, 32), mu_bound: float = 3.0, sigma_bound: float = 0.9,
+                 network: str = "monai_unet"):
         super().__init__()
-        from monai.networks.nets import UNet
-
         if not 0 < sigma_bound < 1:
             raise ValueError(f"sigma_bound must lie in (0, 1) so that 1 + ΔΣ > 0, got {sigma_bound}")
         features = tuple(int(f) for f in features)
         self.config = {"channels": int(channels), "features": list(features), "mu_bound": float(mu_bound),
-                       "sigma_bound": float(sigma_bound)}
-        self.body = UNet(spatial_dims=2, in_channels=channels, out_channels=features[0], channels=features,
-                         strides=(2,) * (len(features) - 1), num_res_units=1)
+                       "sigma_bound": float(sigma_bound), "network": network}
+        if network == "monai_unet":  # the small one, for CPUs
+            from monai.networks.nets import UNet
+
+            self.body = UNet(spatial_dims=2, in_channels=channels, out_channels=features[0], channels=features,
+                             strides=(2,) * (len(features) - 1), num_res_units=1)
+        elif network == "resunet":
+            # The paper code's kind of network: a residual UNet with self-attention at the bottleneck (diffusers'
+            # UNet2DModel, its mid block attends; run at a fixed timestep, as M_ξ has none).
+            from diffusers import UNet2DModel
+
+            self.body = UNet2DModel(in_channels=channels, out_channels=features[0], block_out_channels=features,
+                                    down_block_types=("DownBlock2D",) * len(features),
+                                    up_block_types=("UpBlock2D",) * len(features), layers_per_block=1,
+                                    norm_num_groups=math.gcd(*features, 32))
+        else:
+            raise ValueError(f"unknown Miner network {network!r} (monai_unet | resunet)")
         self.head = torch.nn.Conv2d(features[0], 2 * channels, kernel_size=1)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, initial_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.head(F.silu(self.body(initial_score))).chunk(2, dim=1)
+        if self.config["network"] == "resunet":
+            features = self.body(initial_score, 0, return_dict=False)[0]
+        else:
+            features = self.body(initial_score)
+        a, b = self.head(F.silu(features)).chunk(2, dim=1)
         return self.config["mu_bound"] * torch.tanh(a), self.config["sigma_bound"] * torch.tanh(b)
+
+    @classmethod
+    def from_config(cls, channels: int, cfg: dict) -> "AdversarialityMiner":
+        """A fresh M_ξ over ``channels`` noise channels from a config ``miner`` entry."""
+        return cls(channels, cfg.get("channels", [16, 32]), cfg.get("mu_bound", 3.0), cfg.get("sigma_bound", 0.9),
+                   cfg.get("network", "monai_unet"))
 
     @staticmethod
     def resample(x_T: torch.Tensor, delta_mu: torch.Tensor, delta_sigma: torch.Tensor) -> torch.Tensor:
@@ -103,56 +126,89 @@ class AdversarialityMiner(torch.nn.Module):
         if not meta_path.exists():
             raise InputDataError(meta_path, "missing: not a trained Miner directory (run the train_miner rule)")
         config = json.loads(meta_path.read_text())["config"]
-        miner = cls(config["channels"], config["features"], config["mu_bound"], config["sigma_bound"])
+        miner = cls(config["channels"], config["features"], config["mu_bound"], config["sigma_bound"],
+                    config.get("network", "monai_unet"))
         miner.load_state_dict(torch.load(directory / MINER_FILE, map_location="cpu", weights_only=True))
         miner.requires_grad_(False)
         return miner.eval()
 
 
-def initial_score(generator: MaskToImageGenerator, x_T: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """S_init = sg(ε_φ(x_T, T | ŷ)) at T = the last training timestep (conditional, no CFG)."""
+def initial_score(traj: DDIMTrajectory) -> torch.Tensor:
+    """S_init = sg(ε_φ(x_T, T | ŷ)) at T = the last training timestep, with the trajectory's classifier-free
+    guidance (the Miner paper's code scores the probe at the CFG scale it trains and samples with)."""
     # made on the device (a Python int would be copied to the GPU at every call)
-    t = torch.full((), generator.noise_scheduler.config.num_train_timesteps - 1, device=x_T.device)
+    t = torch.full((), traj.generator.noise_scheduler.config.num_train_timesteps - 1, device=traj.x_T.device)
     with torch.no_grad():
-        return generator.predict_noise(x_T, t, generator.mask_condition(masks), generator.encode_prompt(masks))
+        return traj.noise(traj.x_T, t)
 
 
-def stop_gradient_rollout(traj: DDIMTrajectory) -> torch.Tensor:
-    """Run ``traj`` from its x_T to x_s without a graph and return x_s carrying the temporal stop-gradient
-    Jacobian ∂x_s/∂x_T = √(ᾱ_final/ᾱ_{t_first}) (``traj.x_T`` may require grad)."""
-    scheduler = traj.scheduler
-    x_T = traj.x
-    x = x_T.detach()
+def resample_seed(traj: DDIMTrajectory, miner: "AdversarialityMiner") -> tuple[torch.Tensor, ...]:
+    """The Miner's step of a trajectory: S_init at the probe x_T → (Δμ, ΔΣ) → x_T^r = Δμ + √(1 + ΔΣ)⊙ε' with ε'
+    the next fresh draw of each sample's stream (not the probe: the resampled seed is a new draw from
+    N(Δμ, I + ΔΣ)). The trajectory restarts from x_T^r; returns (x_T^r, Δμ, ΔΣ)."""
+    delta_mu, delta_sigma = miner(initial_score(traj))
+    seed = miner.resample(traj.next_noise(), delta_mu, delta_sigma)
+    traj.x = seed * traj.scheduler.init_noise_sigma
+    return seed, delta_mu, delta_sigma
+
+
+def stop_gradient_prefix(traj: DDIMTrajectory, steps: int) -> torch.Tensor:
+    """Run the first ``steps`` DDIM updates of ``traj`` from its current x (which may carry a graph to the
+    resampled seed) without a graph, and return the Tweedie estimate x̂0 of the last one carrying the temporal
+    stop-gradient Jacobian.
+
+    With the denoiser's ε treated as a constant, every DDIM update is x_{t'} = √(ᾱ_{t'}/ᾱ_t)·x_t + const and
+    x̂0 = x_t/√ᾱ_t − const, so ∂x̂0/∂x_{t_0} = 1/√ᾱ_{t_0} whatever the prefix length and η; attaching it in one
+    step is the gradient of the chained updates without their activation memory (and, like the paper's
+    closed form, it ignores x̂0 clipping)."""
+    x_start = traj.x
+    x = x_start.detach()
+    x0 = None
     with torch.no_grad():
-        for t in traj.timesteps:
-            x = traj.step(traj.noise(x, t), t, x).prev_sample
-    first = int(traj.timesteps[0])
-    jacobian = math.sqrt(float(scheduler.final_alpha_cumprod) / float(scheduler.alphas_cumprod[first]))
-    return x + jacobian * (x_T - x_T.detach())
+        for t in traj.timesteps[:steps]:
+            out = traj.step(traj.noise(x, t), t, x)
+            x, x0 = out.prev_sample, out.pred_original_sample
+    jacobian = 1.0 / math.sqrt(float(traj.scheduler.alphas_cumprod[int(traj.timesteps[0])]))
+    return x0 + jacobian * (x_start - x_start.detach())
 
 
-def miner_objective(generator, value_model, miner, x_T, masks, rollout_steps: int, eta: float,
-                    noise_seeds: list[int], kappa_up: float, beta: float) -> dict:
-    """One batch of the objective: resample, stop-gradient rollout, clipped ℓ_seg and KL (all per sample)."""
-    delta_mu, delta_sigma = miner(initial_score(generator, x_T, masks))
-    x_T_r = miner.resample(x_T, delta_mu, delta_sigma)
-    traj = DDIMTrajectory(generator, masks, noise_seeds, rollout_steps, eta, 1.0, initial_noise=x_T_r)
-    x_s = stop_gradient_rollout(traj)
-    seg_loss = value_terms(value_model(generator.decode(x_s)), masks)["seg_loss"]
+def miner_reward(seg_loss: torch.Tensor, reward: str) -> torch.Tensor:
+    """The adversariality the Miner maximises: ``bounded_ce`` = 1 − exp(−ℓ_seg) in [0, 1), the Miner paper
+    code's training reward (κ_up is read on it), or ``ce`` = ℓ_seg itself."""
+    if reward == "bounded_ce":
+        return 1.0 - torch.exp(-seg_loss)
+    if reward == "ce":
+        return seg_loss
+    raise ValueError(f"unknown Miner reward {reward!r} (bounded_ce | ce)")
+
+
+def miner_objective(generator, value_model, miner, masks, noise_seeds: list[int], schedule: dict,
+                    rollout_steps: int, kappa_up: float, beta: float, reward: str = "bounded_ce") -> dict:
+    """One batch of the objective: probe x_T and resample it as the deployed sampler does (``schedule``: the
+    miner method's steps, η and guidance scales), run the first ``rollout_steps`` of that schedule with the
+    stop-gradient rule, score f_θ on their x̂0; clipped adversariality and KL, all per sample."""
+    traj = DDIMTrajectory.from_params(generator, masks, noise_seeds, schedule)
+    _, delta_mu, delta_sigma = resample_seed(traj, miner)
+    x0 = stop_gradient_prefix(traj, rollout_steps)
+    seg_loss = value_terms(value_model(generator.decode(x0).clamp(-1.0, 1.0)), masks)["seg_loss"]
+    score = miner_reward(seg_loss, reward)
     kl = gaussian_kl(delta_mu, delta_sigma)
-    adversarial = torch.clamp(seg_loss, max=kappa_up)
-    return {"objective": adversarial - beta * kl, "seg_loss": seg_loss, "kl": kl,
-            "shift": delta_mu.abs().flatten(1).amax(1), "delta_sigma": delta_sigma.abs().flatten(1).amax(1)}
+    return {"objective": torch.clamp(score, max=kappa_up) - beta * kl, "reward": score,
+            "seg_loss": seg_loss, "kl": kl, "shift": delta_mu.abs().flatten(1).amax(1),
+            "delta_sigma": delta_sigma.abs().flatten(1).amax(1)}
 
 
 #: the per-sample terms of :func:`miner_objective` that training logs (batch means)
-TERMS = ("objective", "seg_loss", "kl", "shift", "delta_sigma")
+TERMS = ("objective", "reward", "seg_loss", "kl", "shift", "delta_sigma")
 
 
-def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, seed: int, checkpoint_dir=None,
-                threads: int = 1, stop_after: int | None = None, precision: str = "fp32",
+def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, seed: int, schedule: dict,
+                checkpoint_dir=None, threads: int = 1, stop_after: int | None = None, precision: str = "fp32",
                 cpu_autocast: bool = False) -> dict:
     """Train M_ξ against the frozen generator and f_θ on the training masks of ``data_dir``; save to ``out_dir``.
+
+    ``schedule`` is the deployed sampling schedule (steps, eta, guidance_scale, mask_guidance_scale:
+    segsynth.config.miner_schedule): training rollouts are its first ``cfg["rollout_steps"]`` steps.
 
     Step ``i`` draws its masks and noise from (seed, i) alone, so a resumed run is the run that was not killed.
     ``stop_after`` ends after that many steps with a checkpoint and no output (tests simulate a kill with it).
@@ -170,8 +226,7 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
     masks_all = torch.from_numpy(np.ascontiguousarray(load_split(data_dir, "train").masks))
 
     torch.manual_seed(seed)
-    miner = AdversarialityMiner(generator.latent_shape(1)[1], cfg.get("channels", [16, 32]),
-                                cfg.get("mu_bound", 3.0), cfg.get("sigma_bound", 0.9)).to(device)
+    miner = AdversarialityMiner.from_config(generator.latent_shape(1)[1], cfg).to(device)
     optimizer = torch.optim.AdamW(miner.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     objects = {"miner": miner, "optimizer": optimizer}
     scaler = grad_scaler(dtype, device)
@@ -187,12 +242,12 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="miner", mininterval=10):
         idx = step_rng(seed, step).integers(0, len(masks_all), size=batch_size)
         masks = masks_all[idx].to(device)
+        # each sample's noise stream, drawn from exactly as a synthesis job draws it (probe x_T, then ε')
         noise_seeds = [int(s) for s in step_rng(seed, step, stream=1).integers(0, 2**62, size=batch_size)]
-        # x_T is the first draw of each sample's stream, exactly as a synthesis job draws it
-        x_T = NoiseStream(noise_seeds, generator.latent_shape(batch_size), device).next()
         with autocast(dtype, device):
-            terms = miner_objective(generator, value_model, miner, x_T, masks, cfg["rollout_steps"],
-                                    cfg.get("eta", 0.0), noise_seeds, cfg["kappa_up"], cfg["beta"])
+            terms = miner_objective(generator, value_model, miner, masks, noise_seeds, schedule,
+                                    cfg["rollout_steps"], cfg["kappa_up"], cfg["beta"],
+                                    cfg.get("reward", "bounded_ce"))
         loss = -terms["objective"].float().mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -208,8 +263,9 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
             pending.clear()
         if done % 25 == 0:
             recent = history[-25:]
-            log.info("step %d/%d seg_loss %.4f kl %.3f max|Δμ| %.3f", done, steps,
-                     np.mean([h["seg_loss"] for h in recent]), np.mean([h["kl"] for h in recent]),
+            log.info("step %d/%d reward %.4f seg_loss %.4f kl %.3f max|Δμ| %.3f", done, steps,
+                     np.mean([h["reward"] for h in recent]), np.mean([h["seg_loss"] for h in recent]),
+                     np.mean([h["kl"] for h in recent]),
                      max(h["shift"] for h in recent))
         checkpointer.maybe_save(done, steps)
         if stop_after is not None and done >= stop_after:
@@ -219,6 +275,8 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
     miner.to("cpu").eval()
     tail = history[-25:]
     stats = {"steps": steps, "resumed_from": start, "seconds": round(time.time() - began, 2),
+             "schedule": schedule,
+             "final_reward": float(np.mean([h["reward"] for h in tail])) if tail else None,
              "final_seg_loss": float(np.mean([h["seg_loss"] for h in tail])) if tail else None,
              "final_kl": float(np.mean([h["kl"] for h in tail])) if tail else None,
              "parameters": sum(p.numel() for p in miner.parameters())}

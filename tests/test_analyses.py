@@ -16,13 +16,13 @@ from segsynth.figures import budget_plot
 from segsynth.io import save_array, write_json, write_parquet
 
 
-def synthetic_set(directory, seg_losses):
-    n = len(seg_losses)
+def synthetic_set(directory, adversariality):
+    n = len(adversariality)
     directory.mkdir(parents=True)
     save_array(directory / "images.npy", np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32))
     save_array(directory / "masks.npy", np.zeros((n, 8, 8), np.uint8))
     write_parquet(directory / "records.parquet",
-                  pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "seg_loss": seg_losses}))
+                  pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "adversariality": adversariality}))
     write_json(directory / "meta.json", {"method": "rd", "n": n})
     return directory
 
@@ -34,14 +34,14 @@ def test_a_subset_keeps_exactly_the_samples_above_the_threshold(tmp_path):
     records = pd.read_parquet(tmp_path / "sub" / "records.parquet")
     assert list(records["sample_id"]) == ["s1", "s2", "s3"]
     assert np.array_equal(np.load(tmp_path / "sub" / "images.npy"), np.load(source / "images.npy")[[1, 2, 3]])
-    empty = adversarial_subset(source, 5.0, tmp_path / "empty")
+    empty = adversarial_subset(source, 0.99, tmp_path / "empty")
     assert empty["n"] == 0 and np.load(tmp_path / "empty" / "images.npy").shape == (0, 1, 8, 8)
 
 
-def test_a_set_without_seg_loss_is_a_clear_error_and_leaves_nothing(tmp_path):
+def test_a_set_without_adversariality_is_a_clear_error_and_leaves_nothing(tmp_path):
     source = synthetic_set(tmp_path / "rd", [0.1, 0.2])
     write_parquet(source / "records.parquet", pd.DataFrame({"sample_id": ["s0", "s1"]}))
-    with pytest.raises(InputDataError, match="seg_loss"):
+    with pytest.raises(InputDataError, match="records.parquet.*adversariality"):
         adversarial_subset(source, 0.3, tmp_path / "sub")
     assert not (tmp_path / "sub").exists()
 
@@ -102,8 +102,8 @@ def test_subset_table_counts_shares_and_per_sample_gain(tmp_path, baseline):
     assert table.loc[0.0, "count"] == 4 and table.loc[0.0, "share"] == 1.0
     assert table.loc[0.4, "count"] == 2 and table.loc[0.4, "share"] == 0.5
     assert table.loc[0.4, "delta_dice"] == pytest.approx(0.04)
-    assert table.loc[0.4, "per_sample_gain"] == pytest.approx(0.02)
+    assert table.loc[0.4, "per_sample_gain"] == pytest.approx(2.0)  # +4.0 points over 2 samples
     markdown = subset_markdown(table.reset_index(), baseline)
-    assert "| d · u | rd, τ = 0.4 | 2 | 50.0% | 64.0 (+4.0) | 20.00 |" in markdown
+    assert "| d · u | rd, τ = 0.4 | 2 | 50.0% | 64.0 (+4.0) | 2000.00 |" in markdown
     assert "Baseline (real only)" in markdown and "τ = 0 (full set)" in markdown
     assert json.loads((above / "meta.json").read_text())["threshold"] == 0.4

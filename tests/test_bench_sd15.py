@@ -65,7 +65,7 @@ def test_sd15_settings_default_to_the_paper_preset(repo_root):
     rd = method_entry(config, "mni152", "ddim", {"sampler": "ddim"}, {})
     assert (rd["steps"], rd["eta"], rd["guidance_scale"]) == (100, 0.2, 7.5)
     assert rd["batch_size"] == config["methods"]["rd"].get("batch_size", 16)  # the preset may batch RD wider
-    assert config["miner"]["channels"] == [32, 64, 128]
+    assert config["miner"]["channels"] == [48, 96, 192, 192] and config["miner"]["network"] == "resunet"
     fast = method_entry(config, "mni152", "vgd_fast", {"sampler": "vgd"}, {})
     assert fast["jacobian"] == "detached" and fast["time_travel"] == 0
     vgd = method_entry(config, "mni152", "vgd", {"sampler": "vgd"}, {})
@@ -125,7 +125,7 @@ def test_sd15_command_prints_every_sampler_with_memory(small_sd15, repo_root, tm
     assert (r["steps"], r["batch_size"], r["n_images"], r["eta"], r["guidance_scale"]) == (1, 2, 2, 0.2, 7.5)
     assert r["shapes"] == "sd15" and r["resolution"] == [256, 256] and r["latent"] and r["device"] == "cpu"
     assert r["memory_before_runs_mb"] is None or r["memory_before_runs_mb"] > 0
-    assert r["preset"].endswith("paper.yaml") and r["miner_channels"] == [32, 64, 128]
+    assert r["preset"].endswith("paper.yaml") and r["miner_channels"] == [48, 96, 192, 192]
     assert r["vgd_params"]["jacobian"] == "full" and r["vgd_params"]["time_travel"] == 1
     assert r["vgd_fast_params"]["jacobian"] == "detached" and r["vgd_fast_params"]["time_travel"] == 0
     assert set(r["parameters"]) == {"unet", "controlnet", "vae", "prompt_embedding", "value_model", "miner"}

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 SEGMENTER = {"kind": "monai_unet", "channels": [8, 16], "strides": [2], "num_res_units": 0, "steps": 20,
              "batch_size": 8, "lr": 1e-2, "weight_decay": 0.0, "checkpoint_every": 10, "augment": False}
 MINER = {"channels": [8, 16], "steps": 6, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "beta": 0.001,
-         "kappa_up": 5.0, "rollout_steps": 3, "eta": 0.0, "grad_clip": 1.0, "mu_bound": 3.0, "sigma_bound": 0.9,
+         "kappa_up": 5.0, "rollout_steps": 3, "grad_clip": 1.0, "mu_bound": 3.0, "sigma_bound": 0.9,
          "checkpoint_every": 3}
 BASE = {"steps": 4, "eta": 0.5, "guidance_scale": 2.0, "budget": 1.0, "batch_size": 4}
 #: every registered sampler, with settings that exercise its extra noise draws
@@ -41,7 +41,7 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gpu")
     data, gen, seg = train_tiny_models(root, SEGMENTER)
-    train_miner(MINER, data, gen, seg, root / "miner", seed=0)
+    train_miner(MINER, data, gen, seg, root / "miner", seed=0, schedule=BASE)
     train = load_split(data, "train")
     return {"root": root, "data": data, "gen": gen, "seg": seg, "miner": root / "miner",
             "masks": torch.from_numpy(train.masks[:4].copy()),
@@ -121,8 +121,8 @@ def test_miner_and_segmenter_resume_on_cuda(models, tmp_path):
     from segsynth.segmenters import get_segmenter_class
 
     args = (models["data"], models["gen"], models["seg"])
-    train_miner(MINER, *args, tmp_path / "miner", seed=0, stop_after=4)
-    stats = train_miner(MINER, *args, tmp_path / "miner", seed=0)
+    train_miner(MINER, *args, tmp_path / "miner", seed=0, schedule=BASE, stop_after=4)
+    stats = train_miner(MINER, *args, tmp_path / "miner", seed=0, schedule=BASE)
     assert stats["resumed_from"] == 4 and np.isfinite(stats["final_seg_loss"])
 
     images, masks = toy_arrays(16)

@@ -1,4 +1,5 @@
-"""The Adversariality Miner: exact RD at initialisation, the KL term, training gain, bounded shift, resume."""
+"""The Adversariality Miner: fresh resampled seeds, the deployed schedule's prefix as training rollout, the KL
+term, training gain, bounded shift, resume."""
 
 import math
 
@@ -6,19 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from segsynth.miner import AdversarialityMiner, gaussian_kl, stop_gradient_rollout, train_miner
+from segsynth.generator import MaskToImageGenerator
+from segsynth.miner import (AdversarialityMiner, gaussian_kl, miner_objective, miner_reward, resample_seed,
+                            stop_gradient_prefix, train_miner)
 from segsynth.sampling import build_sampler
-from segsynth.sampling.base import noise_seed
+from segsynth.sampling.base import NoiseStream, noise_seed
 from segsynth.sampling.ddim import DDIMTrajectory
 from segsynth.sampling.value import value_terms
 
 SEGMENTER = {"kind": "monai_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "steps": 20,
              "batch_size": 4, "lr": 1e-2, "weight_decay": 0.0, "checkpoint_every": 100, "augment": False}
 MINER = {"channels": [8, 16], "steps": 40, "batch_size": 4, "lr": 1e-2, "weight_decay": 0.0, "beta": 0.001,
-         "kappa_up": 5.0, "rollout_steps": 4, "eta": 0.0, "grad_clip": 1.0, "mu_bound": 3.0, "sigma_bound": 0.9,
+         "kappa_up": 5.0, "rollout_steps": 4, "grad_clip": 1.0, "mu_bound": 3.0, "sigma_bound": 0.9,
          "checkpoint_every": 10}
-# κ_up above the tiny f_θ's loss (≈ 0.9 nats on RD samples): with the paper's 0.5 every sample would already be
-# saturated and the clipped objective flat — which test_a_saturated_objective_leaves_the_miner_at_rd checks.
+# κ_up above the bounded adversariality's range (< 1): the tiny f_θ's RD samples are already past the paper's 0.5,
+# where the clipped objective is flat — which test_a_saturated_objective_leaves_the_miner_at_rd checks.
 SAMPLING = {"sampler": "miner", "steps": 6, "eta": 0.2, "guidance_scale": 1.0}
 
 
@@ -41,7 +44,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(models):
     stats = train_miner(MINER, models["data"], models["gen_dir"], models["seg_dir"], models["root"] / "miner",
-                        seed=0)
+                        seed=0, schedule=SAMPLING)
     return stats, AdversarialityMiner.load(models["root"] / "miner")
 
 
@@ -49,13 +52,70 @@ def miner_sampler(miner):
     return build_sampler("miner", SAMPLING).attach_miner(miner)
 
 
-def test_an_untrained_miner_reproduces_rd_to_the_bit(models):
-    miner = AdversarialityMiner(models["gen"].channels, (8, 16))
-    rd, _ = build_sampler("rd", {**SAMPLING, "sampler": "ddim"}).sample(models["gen"], models["masks"][:4],
-                                                                      models["seeds"][:4])
-    images, records = miner_sampler(miner).sample(models["gen"], models["masks"][:4], models["seeds"][:4])
-    assert torch.equal(images, rd)
+def test_the_resampled_seed_is_a_fresh_draw_not_the_probe(models, trained):
+    gen, masks, seeds = models["gen"], models["masks"][:4], models["seeds"][:4]
+    stream = NoiseStream(seeds, gen.latent_shape(4), torch.device("cpu"))
+    probe, fresh = stream.next(), stream.next()
+    for miner in (AdversarialityMiner(gen.channels, (8, 16)), trained[1]):
+        traj = DDIMTrajectory.from_params(gen, masks, seeds, SAMPLING)
+        with torch.no_grad():
+            seed, delta_mu, delta_sigma = resample_seed(traj, miner)
+        assert torch.equal(traj.x_T, probe)
+        # x_T^r = Δμ + √(1 + ΔΣ)·ε' with ε' the stream's next draw (an untrained Miner: x_T^r = ε' exactly)
+        torch.testing.assert_close((seed - delta_mu) / torch.sqrt(1 + delta_sigma), fresh)
+        assert not torch.allclose(seed, probe)
+    # the untrained Miner's images are RD's from the fresh draw: same sampler, one draw further down the stream
+    untrained, records = miner_sampler(AdversarialityMiner(gen.channels, (8, 16))).sample(gen, masks, seeds)
     assert all(r["miner_max_shift"] == 0.0 and r["miner_kl"] == 0.0 for r in records)
+    assert {"miner_seed_mean", "miner_seed_std"} <= set(records[0])
+    traj = DDIMTrajectory.from_params(gen, masks, seeds, SAMPLING)
+    traj.x = traj.next_noise() * traj.scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in traj.timesteps:
+            traj.x = traj.step(traj.noise(traj.x, t), t, traj.x).prev_sample
+    assert torch.equal(untrained, traj.decode())
+
+
+def test_the_training_rollout_is_the_deployed_schedules_prefix(models, monkeypatch):
+    """Same timesteps, guidance scales and η as the sampler that deploys the Miner, first rollout_steps only."""
+    from diffusers import DDIMScheduler
+
+    schedule = {"steps": 6, "eta": 0.5, "guidance_scale": 2.0}
+    calls, etas = [], []
+    guided, step = MaskToImageGenerator.guided_noise, DDIMScheduler.step
+
+    def spy_guided(self, x_t, t, cond, prompt, uncond, guidance_scale, mask_guidance_scale=1.0):
+        calls.append((int(t), guidance_scale))
+        return guided(self, x_t, t, cond, prompt, uncond, guidance_scale, mask_guidance_scale)
+
+    def spy_step(self, *args, eta=0.0, **kwargs):
+        etas.append(eta)
+        return step(self, *args, eta=eta, **kwargs)
+
+    monkeypatch.setattr(MaskToImageGenerator, "guided_noise", spy_guided)
+    monkeypatch.setattr(DDIMScheduler, "step", spy_step)
+    gen, masks, seeds = models["gen"], models["masks"][:2], models["seeds"][:2]
+    miner = AdversarialityMiner(gen.channels, (8, 16))
+    terms = miner_objective(gen, models["f"], miner, masks, seeds, schedule, rollout_steps=3, kappa_up=0.5,
+                            beta=0.001)
+    deployed = DDIMTrajectory.from_params(gen, masks, seeds, schedule).timesteps.tolist()
+    T = gen.noise_scheduler.config.num_train_timesteps - 1
+    assert calls == [(T, 2.0)] + [(t, 2.0) for t in deployed[:3]]
+    assert etas == [0.5] * 3
+    assert torch.equal(terms["reward"], miner_reward(terms["seg_loss"], "bounded_ce"))
+    assert (terms["reward"] < 1).all()
+
+
+def test_the_residual_attention_miner_starts_at_zero_and_round_trips(tmp_path):
+    miner = AdversarialityMiner.from_config(4, {"network": "resunet", "channels": [8, 16, 16]})
+    assert any("attentions" in name for name, _ in miner.named_parameters())  # bottleneck self-attention
+    delta_mu, delta_sigma = miner(torch.randn(2, 4, 8, 8))
+    assert delta_mu.shape == (2, 4, 8, 8) and not delta_mu.any() and not delta_sigma.any()
+    torch.nn.init.normal_(miner.head.weight)
+    miner.save(tmp_path)
+    loaded = AdversarialityMiner.load(tmp_path)
+    score = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(loaded(score), miner(score))
 
 
 def test_kl_matches_a_monte_carlo_estimate():
@@ -76,18 +136,18 @@ def test_kl_matches_a_monte_carlo_estimate():
 def test_the_temporal_stop_gradient_jacobian_is_the_closed_form_constant(models):
     gen, masks, seeds = models["gen"], models["masks"][:2], models["seeds"][:2]
     x_T = torch.randn(gen.latent_shape(2), requires_grad=True)
-    traj = DDIMTrajectory(gen, masks, seeds, 4, 0.0, 1.0, initial_noise=x_T)
-    x_s = stop_gradient_rollout(traj)
-    (grad,) = torch.autograd.grad(x_s.sum(), x_T)
-    s = traj.scheduler
-    expected = math.sqrt(float(s.final_alpha_cumprod) / float(s.alphas_cumprod[int(traj.timesteps[0])]))
+    traj = DDIMTrajectory(gen, masks, seeds, 6, 0.0, 1.0, initial_noise=x_T)
+    x0 = stop_gradient_prefix(traj, 3)
+    (grad,) = torch.autograd.grad(x0.sum(), x_T)
+    expected = 1.0 / math.sqrt(float(traj.scheduler.alphas_cumprod[int(traj.timesteps[0])]))
     assert torch.allclose(grad, torch.full_like(grad, expected))
-    # the value is the plain no-grad rollout's
-    plain = DDIMTrajectory(gen, masks, seeds, 4, 0.0, 1.0, initial_noise=x_T.detach())
+    # the value is the Tweedie x̂0 of the third step of the plain no-grad rollout
+    plain = DDIMTrajectory(gen, masks, seeds, 6, 0.0, 1.0, initial_noise=x_T.detach())
     with torch.no_grad():
-        for t in plain.timesteps:
-            plain.x = plain.step(plain.noise(plain.x, t), t, plain.x).prev_sample
-    assert torch.equal(x_s.detach(), plain.x)
+        for t in plain.timesteps[:3]:
+            out = plain.step(plain.noise(plain.x, t), t, plain.x)
+            plain.x = out.prev_sample
+    assert torch.equal(x0.detach(), out.pred_original_sample)
 
 
 def test_training_raises_the_segmentation_loss_of_samples_with_a_bounded_shift(models, trained):
@@ -115,9 +175,9 @@ def test_same_seed_same_miner_samples(models, trained):
 def test_a_killed_training_resumes_to_the_same_miner(models, trained):
     out = models["root"] / "resumed"
     stopped = train_miner(MINER, models["data"], models["gen_dir"], models["seg_dir"], out, seed=0,
-                          stop_after=20)
+                          schedule=SAMPLING, stop_after=20)
     assert stopped == {"steps": 20, "stopped": True} and not out.exists()
-    stats = train_miner(MINER, models["data"], models["gen_dir"], models["seg_dir"], out, seed=0)
+    stats = train_miner(MINER, models["data"], models["gen_dir"], models["seg_dir"], out, seed=0, schedule=SAMPLING)
     assert stats["resumed_from"] == 20 and stats["steps"] == MINER["steps"]
     resumed = AdversarialityMiner.load(out).state_dict()
     for name, value in trained[1].state_dict().items():
@@ -128,7 +188,7 @@ def test_a_saturated_objective_leaves_the_miner_at_rd(models):
     """min(κ_up, ℓ_seg) is flat where ℓ_seg > κ_up: with every sample past κ_up only the KL term acts."""
     out = models["root"] / "saturated"
     train_miner({**MINER, "steps": 5, "kappa_up": 1e-3}, models["data"], models["gen_dir"], models["seg_dir"], out,
-                seed=0)
+                seed=0, schedule=SAMPLING)
     _, records = miner_sampler(AdversarialityMiner.load(out)).sample(models["gen"], models["masks"][:2],
                                                                      models["seeds"][:2])
     assert all(r["miner_max_shift"] == 0.0 for r in records)

@@ -52,7 +52,7 @@ def test_synthesis_is_bit_identical_on_a_cpu_and_runs_under_autocast(models, tmp
         if not miner.exists():
             train_miner({"channels": [4, 8], "steps": 2, "batch_size": 2, "lr": 1e-3, "beta": 0.001,
                          "kappa_up": 0.5, "rollout_steps": 2, "checkpoint_every": 100},
-                        models / "data", models / "gen", models / "seg", miner, seed=0)
+                        models / "data", models / "gen", models / "seg", miner, seed=0, schedule=params)
         kwargs["miner_dir"] = miner
     runs = {}
     for name, extra in {"fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"},
@@ -93,7 +93,8 @@ def test_training_under_autocast_keeps_float32_weights_and_saves_the_pretrained_
     stats = train_miner({"channels": [4, 8], "steps": 2, "batch_size": 2, "lr": 1e-3, "beta": 0.001,
                          "kappa_up": 0.5, "rollout_steps": 2, "checkpoint_every": 100},
                         tiny_data, tmp_path / "gen", tmp_path / "seg", tmp_path / "miner", seed=0,
-                        precision="bf16", cpu_autocast=True)
+                        schedule={"steps": 3, "eta": 0.0, "guidance_scale": 1.0}, precision="bf16",
+                        cpu_autocast=True)
     assert np.isfinite(stats["final_seg_loss"])
     assert np.isfinite(reference).all()
 

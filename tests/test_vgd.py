@@ -56,6 +56,20 @@ def test_defaults_are_the_papers_and_bad_settings_are_config_errors():
             vgd_options(bad)
 
 
+def test_class_balanced_adversariality_weighs_a_small_structure_like_the_background():
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[:, :2, :2] = 1  # 4 of 64 pixels
+    probs = torch.zeros(2, 2, 8, 8)
+    probs[:, 0], probs[:, 1] = 0.9, 0.1  # everything called background
+    probs[1, :, :2, :2] = torch.tensor([0.1, 0.9]).view(2, 1, 1)  # sample 1 gets the structure right
+    terms = value_terms(probs, masks)
+    wrong, right = -math.log(0.1), -math.log(0.9)
+    # the plain CE hardly tells them apart (4 pixels of 64), the class-balanced one averages the two classes
+    expected = torch.tensor([(wrong + right) / 2, right])
+    torch.testing.assert_close(terms["adversariality"], 1 - torch.exp(-expected))
+    assert terms["seg_loss"][0] - terms["seg_loss"][1] < 0.2 < terms["adversariality"][0] - terms["adversariality"][1]
+
+
 def test_focus_map_is_a_per_sample_min_max_in_unit_range():
     s = torch.stack([torch.arange(16.0).view(4, 4), torch.full((4, 4), 3.0), torch.zeros(4, 4)])
     omega = focus_map(s)
@@ -119,6 +133,20 @@ def test_every_step_stays_in_the_trust_region_and_focus_in_unit_range(models):
     # the bound is tight: sign steps of size τ = 1 saturate the ball where Ω ≥ ε_t
     assert max(float(row["trust_ratio"].max()) for row in sampler.trace) > 0.99
     assert all(0 < r["mean_focus"] <= 1 and r["max_trust_ratio"] <= 1.001 for r in records)
+
+
+def test_the_trust_radius_is_k_sqrt_beta_t_of_the_training_schedule(models):
+    sampler = vgd(k=0.04, time_travel=0)
+    run(sampler, models)
+    scheduler = models["gen"].sampling_scheduler()
+    assert [row["radius"] for row in sampler.trace] == pytest.approx(
+        [0.04 * math.sqrt(float(scheduler.betas[row["t"]])) for row in sampler.trace])
+    # the stride option reads the effective β of each DDIM jump, larger than the schedule's with skipped steps
+    stride = vgd(k=0.04, time_travel=0, radius_beta="stride")
+    run(stride, models)
+    assert all(a["radius"] > b["radius"] for a, b in zip(stride.trace, sampler.trace))
+    with pytest.raises(ConfigError, match="radius_beta"):
+        vgd(radius_beta="effective")
 
 
 def test_without_the_trust_region_updates_leave_the_ball(models):
@@ -220,7 +248,8 @@ def test_bench_prints_one_json_line_per_run(models, repo_root, capsys):
 
     root = models["root"]
     train_miner({"channels": [4, 8], "steps": 2, "batch_size": 2, "lr": 1e-3, "beta": 0.001, "kappa_up": 0.5,
-                 "rollout_steps": 2}, root / "data", root / "gen", root / "seg", root / "miner", seed=0)
+                 "rollout_steps": 2}, root / "data", root / "gen", root / "seg", root / "miner", seed=0,
+                schedule={"steps": 2, "eta": 0.0, "guidance_scale": 1.0})
     common = ["sampling", "--config", str(repo_root / "config.yaml"), "--generator", str(root / "gen"),
               "--segmenter", str(root / "seg"), "--data", str(root / "data"), "--miner", str(root / "miner"),
               "--steps", "2", "--n-images", "3", "--batch-size", "3", "--repeats", "1"]

@@ -124,7 +124,8 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path, e2e_re
     assert (tmp_path / "logs" / "mni152" / "splits.log").exists()
     assert (tmp_path / "benchmarks" / "mni152" / "miners" / "tiny" / "unet.tsv").exists()
     miner_records = pd.read_parquet(results / "mni152" / "synthetic" / "tiny" / "miner" / "seed0" / "records.parquet")
-    assert {"seg_loss", "miner_max_shift", "miner_kl"} <= set(miner_records.columns)
+    assert {"seg_loss", "adversariality", "miner_max_shift", "miner_kl", "miner_seed_mean",
+            "miner_seed_std"} <= set(miner_records.columns)
     # each synthetic set records the value terms of every sample under f_θ
     records = pd.read_parquet(results / "mni152" / "synthetic" / "tiny" / "rd" / "seed0" / "records.parquet")
     assert {"value", "ce", "margin"} <= set(records.columns) and records["value"].notna().all()

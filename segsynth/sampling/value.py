@@ -23,6 +23,17 @@ def normalised_cross_entropy(probs: torch.Tensor, masks: torch.Tensor, eps: floa
     return ce / math.log(probs.shape[1])
 
 
+def class_balanced_cross_entropy(probs: torch.Tensor, masks: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per sample: the mean over the classes present in the mask of each class's mean pixel cross-entropy, so
+    a small structure weighs as much as the background (the Miner paper's analysis loss)."""
+    nll = -torch.log(probs.clamp_min(eps)).gather(1, masks.long().unsqueeze(1)).squeeze(1)
+    one_hot = F.one_hot(masks.long(), probs.shape[1]).permute(0, 3, 1, 2).to(nll.dtype)
+    pixels = one_hot.flatten(2).sum(2)
+    per_class = (one_hot * nll.unsqueeze(1)).flatten(2).sum(2) / pixels.clamp_min(1)
+    present = pixels > 0
+    return (per_class * present).sum(1) / present.sum(1).clamp_min(1)
+
+
 def margin_uncertainty(probs: torch.Tensor) -> torch.Tensor:
     """M_s of eq. (3) per sample: mean over pixels of 1 − (p_top1 − p_top2)."""
     top2 = probs.topk(2, dim=1).values
@@ -32,8 +43,11 @@ def margin_uncertainty(probs: torch.Tensor) -> torch.Tensor:
 def value_terms(probs: torch.Tensor, masks: torch.Tensor, ce_weight: float = 1.0, margin_weight: float = 1.0) -> dict:
     """Per-sample terms of V = ζ(L_CE) + λ·M_s (eq. 2); the weights switch the terms off for ablations.
 
-    ``seg_loss`` is the same cross-entropy before the division by log K: the Miner paper's ℓ_seg."""
+    ``seg_loss`` is the same cross-entropy before the division by log K: the Miner paper's ℓ_seg.
+    ``adversariality`` is 1 − exp(−class-balanced CE) in [0, 1): the scale of the Miner paper's subset
+    thresholds τ ∈ {0.3, 0.4, 0.5} (its code's analysis reward)."""
     ce = normalised_cross_entropy(probs, masks)
     margin = margin_uncertainty(probs)
     return {"ce": ce, "margin": margin, "value": ce_weight * log_cosh(ce) + margin_weight * margin,
-            "seg_loss": ce * math.log(probs.shape[1])}
+            "seg_loss": ce * math.log(probs.shape[1]),
+            "adversariality": 1.0 - torch.exp(-class_balanced_cross_entropy(probs, masks))}

@@ -21,10 +21,13 @@ Per DDIM step t → t_prev (``t_prev`` = the next timestep of the DDIM schedule,
 
 Choices where the paper leaves a detail open (equation numbers as in the paper):
 
-- eqs. 12–13 with a skipped (DDIM) schedule: α_t, β_t are the *effective* one-step values of the jump
-  t → t_prev, α_t = ᾱ_t/ᾱ_{t_prev} and β_t = 1 − α_t (ᾱ_{−1} = the scheduler's ``final_alpha_cumprod``), so
-  the trust radius and the time-travel re-noising match the transition the sampler actually takes; with
-  ``steps`` = the training steps they are the training schedule's α_t, β_t.
+- eq. 12 with a skipped (DDIM) schedule: β_t is the training schedule's β at the step's timestep t (the
+  paper's scale of k, whatever the number of sampling steps; ``radius_beta: schedule``). ``radius_beta:
+  stride`` uses the *effective* β of the jump t → t_prev instead, 1 − ᾱ_t/ᾱ_{t_prev}, which grows with the
+  stride (about 3× the paper's radius with SD's scaled-linear schedule at 100 steps).
+- eq. 13 with a skipped schedule: the time-travel re-noising uses the effective α_t = ᾱ_t/ᾱ_{t_prev}
+  (ᾱ_{−1} = the scheduler's ``final_alpha_cumprod``), so it undoes exactly the transition the sampler takes;
+  with ``steps`` = the training steps it is the training schedule's α_t.
 - eq. 8: x̂_{0|t} is neither clipped nor clamped before f_θ (clamping would zero the gradient of exactly the
   pixels an early, overshooting estimate gets wrong); the final image is clamped to [−1, 1] as RD's is.
 - eq. 9/16: sign(0) = 0, so a pixel without gradient is not moved; non-finite gradient entries count as 0.
@@ -72,6 +75,7 @@ VGD_DEFAULTS: dict = {
     "ce_weight": 1.0,          # weight of ζ(L_CE) in eq. 2 (0 = "w/o L_CE")
     "tau": 1.0,                # τ of eq. 9
     "k": 0.04,                 # trust coefficient of eq. 12 (Fig. 7 sweep)
+    "radius_beta": "schedule",  # β_t of eq. 12: the training schedule's at t (paper) or the stride's ("stride")
     "gamma": 0.90,             # EMA decay of eq. 15
     "focus": True,             # value focus Ω_t (false = "w/o Ω_t": Ω ≡ 1)
     "trust_region": True,      # l∞ projection of eq. 12 (false = "w/o fidelity constraint")
@@ -118,6 +122,8 @@ def vgd_options(params: dict) -> dict:
         opts[key] = [float(w[0]), float(w[1])]
     if opts["jacobian"] not in ("full", "detached"):
         bad("jacobian", "expected 'full' or 'detached'")
+    if opts["radius_beta"] not in ("schedule", "stride"):
+        bad("radius_beta", "expected 'schedule' or 'stride'")
     if opts["decoder"] not in ("vae", "tiny"):
         bad("decoder", "expected 'vae' or 'tiny'")
     if opts["tiny_decoder"] is not None and not isinstance(opts["tiny_decoder"], str):
@@ -246,7 +252,8 @@ class VGDSampler(Sampler):
         for i, t in enumerate(traj.timesteps):
             alpha_bar, alpha_bar_prev = step_alphas(traj.scheduler, t)
             alpha = alpha_bar / alpha_bar_prev  # effective one-step α_t of the jump t → t_prev
-            radius = o["k"] * float(1 - alpha) ** 0.5  # ε_t = k·√β_t, eq. 12
+            beta = float(traj.scheduler.betas[int(t)]) if o["radius_beta"] == "schedule" else float(1 - alpha)
+            radius = o["k"] * beta ** 0.5  # ε_t = k·√β_t, eq. 12
             guide = in_window(i, steps, o["guidance_window"])
             repeats = repeats_at[i]
             x_t = traj.x
