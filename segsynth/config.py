@@ -228,6 +228,10 @@ def candidate_source(config: dict, dataset: str, method: str) -> str | None:
     if config["methods"][method]["sampler"] != "gauda":
         return None
     mine = method_params(config, dataset, method)
+    # GAUDA's defaults (segsynth.sampling.baselines.GAUDASampler): class-adaptive masks are not RD's masks,
+    # and one candidate per mask needs none read
+    if mine.get("class_adaptive", True) or mine.get("oversample", 1) <= 1:
+        return None
     for other in config["run"]["methods"]:
         if config["methods"].get(other, {}).get("sampler") == "ddim":
             theirs = method_params(config, dataset, other)

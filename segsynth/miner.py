@@ -67,7 +67,7 @@ def gaussian_kl(delta_mu: torch.Tensor, delta_sigma: torch.Tensor) -> torch.Tens
 class AdversarialityMiner(torch.nn.Module):
     """M_ξ: initial score S_init (B, C, h, w) → (Δμ, ΔΣ), each (B, C, h, w), bounded; zero at initialisation."""
 
-    def __init__(self, channels: int, features=(16, 32), mu_bound: float = 3.0, sigma_bound: float = 0.9,
+    def __init__(self, channels: int, features=(16, 32), mu_bound: float = 1.0, sigma_bound: float = 0.3,
                  network: str = "monai_unet"):
         super().__init__()
         if not 0 < sigma_bound < 1:
@@ -106,7 +106,7 @@ class AdversarialityMiner(torch.nn.Module):
     @classmethod
     def from_config(cls, channels: int, cfg: dict) -> "AdversarialityMiner":
         """A fresh M_ξ over ``channels`` noise channels from a config ``miner`` entry."""
-        return cls(channels, cfg.get("channels", [16, 32]), cfg.get("mu_bound", 3.0), cfg.get("sigma_bound", 0.9),
+        return cls(channels, cfg.get("channels", [16, 32]), cfg.get("mu_bound", 1.0), cfg.get("sigma_bound", 0.3),
                    cfg.get("network", "monai_unet"))
 
     @staticmethod

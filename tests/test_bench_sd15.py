@@ -73,7 +73,7 @@ def test_sd15_settings_default_to_the_paper_preset(repo_root):
     vgd = method_entry(config, "mni152", "vgd", {"sampler": "vgd"}, {"steps": 4, "batch_size": 1})
     assert (vgd["steps"], vgd["batch_size"]) == (4, 1)
     # the deep merge keeps what the preset does not set
-    assert config["miner"]["mu_bound"] == 3.0 and "mni152" in config["datasets"]
+    assert config["miner"]["mu_bound"] == 1.0 and "mni152" in config["datasets"]
 
 
 def test_random_value_model_is_the_registry_segmenter(repo_root):

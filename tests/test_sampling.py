@@ -147,7 +147,7 @@ def test_gauda_reads_its_first_candidates_from_the_rd_set(trained, tmp_path, mon
 
     kwargs = {"value_model_dir": trained / "seg"}
     rd = {**SYNTHESIS, "sampler": "ddim"}
-    gauda = {**SYNTHESIS, "sampler": "gauda", "oversample": 2}
+    gauda = {**SYNTHESIS, "sampler": "gauda", "oversample": 2, "class_adaptive": False}
     synthesize(trained / "gen", trained / "data", "rd", rd, seed=1, out_dir=tmp_path / "rd", **kwargs)
     calls = []
     original = DDIMSampler.sample
@@ -175,6 +175,27 @@ def test_gauda_reads_its_first_candidates_from_the_rd_set(trained, tmp_path, mon
     config = {"run": {"methods": ["rd_eta0", "rd", "gauda"]}, "datasets": {"d": {}},
               "synthesis": {"steps": 3, "eta": 0.5, "guidance_scale": 2.0, "budget": 1.0, "batch_size": 4},
               "methods": {"rd": {"sampler": "ddim"}, "rd_eta0": {"sampler": "ddim", "eta": 0.0},
-                          "gauda": {"sampler": "gauda"}, "gauda_10": {"sampler": "gauda", "steps": 10}}}
+                          "gauda": {"sampler": "gauda", "class_adaptive": False, "oversample": 4},
+                          "gauda_10": {"sampler": "gauda", "class_adaptive": False, "oversample": 4, "steps": 10},
+                          "gauda_adaptive": {"sampler": "gauda", "oversample": 4},
+                          "gauda_one": {"sampler": "gauda", "class_adaptive": False}}}
     assert candidate_source(config, "d", "gauda") == "rd"
     assert candidate_source(config, "d", "gauda_10") is None and candidate_source(config, "d", "rd") is None
+    # class-adaptive masks are not RD's; one candidate needs none read
+    assert candidate_source(config, "d", "gauda_adaptive") is None and candidate_source(config, "d", "gauda_one") is None
+
+
+def test_gauda_class_adaptive_masks_reach_the_synthetic_set(trained, tmp_path):
+    """The job conditions on the masks GAUDA draws and records the class each was drawn for."""
+    from segsynth.data.canonical import load_split
+
+    gauda = {**SYNTHESIS, "sampler": "gauda"}
+    synthesize(trained / "gen", trained / "data", "gauda", gauda, seed=1, out_dir=tmp_path / "g",
+               value_model_dir=trained / "seg")
+    records = pd.read_parquet(tmp_path / "g" / "records.parquet")
+    train = load_split(trained / "data", "train")
+    ids = train.index["sample_id"].tolist()
+    masks = np.load(tmp_path / "g" / "masks.npy")
+    for row, mask in zip(records.itertuples(), masks):
+        assert row.gauda_class > 0 and (mask == row.gauda_class).any()
+        assert np.array_equal(mask, train.masks[ids.index(row.source_sample_id)])

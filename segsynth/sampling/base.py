@@ -68,6 +68,12 @@ class Sampler(ABC):
     def __init__(self, params: dict):
         self.params = params
 
+    def choose_sources(self, value_model, images: torch.Tensor, masks: np.ndarray, total: int, seed: int,
+                       batch_size: int = 16) -> tuple[np.ndarray, dict] | None:
+        """For samplers that choose which training masks condition their samples (GAUDA): the ``total`` indices
+        and per-sample record columns. None (every other sampler): the synthesis job's seeded permutations."""
+        return None
+
     @abstractmethod
     def sample(self, generator, masks: torch.Tensor, noise_seeds: list[int], value_model=None,
                source_images: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:

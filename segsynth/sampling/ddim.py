@@ -52,7 +52,12 @@ class DDIMTrajectory:
         return self.scheduler.timesteps
 
     def noise(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        t = self._device_timesteps.get(int(t), t)
+        """ε_φ(x_t, t) with the trajectory's conditioning and guidance; ``t`` a timestep of the schedule, or any
+        timestep per sample as a (B,) tensor (DiffAug's random t)."""
+        if torch.is_tensor(t) and t.ndim:
+            t = t.to(x_t.device)
+        else:
+            t = self._device_timesteps.get(int(t), t)
         return self.generator.guided_noise(x_t, t, self.cond, self.prompt, self.uncond, self.guidance_scale,
                                            self.mask_guidance_scale)
 

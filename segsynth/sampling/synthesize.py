@@ -74,6 +74,13 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
 
     train = load_split(data_dir, "train")
     sources = conditioning_sources(len(train.masks), params["budget"], seed)
+    chosen = None
+    if value_model is not None:  # GAUDA picks its masks from f_θ's uncertainty on the real training images
+        real = torch.from_numpy(np.ascontiguousarray(train.images)).to(device) * 2 - 1
+        chosen = sampler.choose_sources(value_model, real, train.masks, len(sources), seed, params["batch_size"])
+    source_columns = {}
+    if chosen is not None:
+        sources, source_columns = chosen
     candidates = None
     if candidates_dir is not None:
         candidates = _first_candidates(candidates_dir, train.index["sample_id"].to_numpy()[sources])
@@ -115,6 +122,8 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
     frame.insert(1, "source_sample_id", train.index["sample_id"].to_numpy()[sources])
     frame.insert(2, "method", method)
     frame.insert(3, "seed", seed)
+    for column, values in source_columns.items():
+        frame[column] = values
     with atomic_dir(out_dir) as tmp:
         save_array(tmp / "images.npy", images)
         save_array(tmp / "masks.npy", train.masks[sources].astype(np.uint8))

@@ -34,10 +34,15 @@ def class_balanced_cross_entropy(probs: torch.Tensor, masks: torch.Tensor, eps: 
     return (per_class * present).sum(1) / present.sum(1).clamp_min(1)
 
 
+def margin_map(probs: torch.Tensor) -> torch.Tensor:
+    """1 − (p_top1 − p_top2) per pixel, (B, H, W): the margin uncertainty before the mean of eq. (3)."""
+    top2 = probs.topk(2, dim=1).values
+    return 1.0 - (top2[:, 0] - top2[:, 1])
+
+
 def margin_uncertainty(probs: torch.Tensor) -> torch.Tensor:
     """M_s of eq. (3) per sample: mean over pixels of 1 − (p_top1 − p_top2)."""
-    top2 = probs.topk(2, dim=1).values
-    return (1.0 - (top2[:, 0] - top2[:, 1])).flatten(1).mean(1)
+    return margin_map(probs).flatten(1).mean(1)
 
 
 def value_terms(probs: torch.Tensor, masks: torch.Tensor, ce_weight: float = 1.0, margin_weight: float = 1.0) -> dict:
