@@ -68,10 +68,11 @@ class Sampler(ABC):
     def __init__(self, params: dict):
         self.params = params
 
-    def choose_sources(self, value_model, images: torch.Tensor, masks: np.ndarray, total: int, seed: int,
-                       batch_size: int = 16) -> tuple[np.ndarray, dict] | None:
+    def choose_sources(self, value_model, images: np.ndarray, masks: np.ndarray, total: int, seed: int,
+                       batch_size: int = 16, device="cpu") -> tuple[np.ndarray, dict] | None:
         """For samplers that choose which training masks condition their samples (GAUDA): the ``total`` indices
-        and per-sample record columns. None (every other sampler): the synthesis job's seeded permutations."""
+        and per-sample record columns, from f_θ on the real training ``images`` (in [0, 1]) on ``device``.
+        None (every other sampler): the synthesis job's seeded permutations."""
         return None
 
     @abstractmethod

@@ -136,6 +136,15 @@ def _encode(traj: DDIMTrajectory, images: torch.Tensor) -> torch.Tensor:
     return traj.generator.encode(images, noise=traj.next_noise())
 
 
+def diffused_source(traj: DDIMTrajectory, x0: torch.Tensor, t: int) -> torch.Tensor:
+    """The real image's diffusion variable x0 diffused to timestep ``t``, q(x_t | x_0) with the next draw of each
+    sample's stream; x0 itself past the schedule's end (t < 0), where the clean image is put back."""
+    if t < 0:
+        return x0
+    a = alpha_bar(traj.scheduler, t)
+    return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * traj.next_noise()
+
+
 def _require_sources(name: str, source_images, masks) -> torch.Tensor:
     if source_images is None:
         raise ValueError(f"sampler {name!r} edits real images: it needs source_images")
@@ -437,13 +446,8 @@ class AdvDiffuserSampler(_GradientGuided):
         for t in timesteps:
             norms += self.guided_step(traj, t, objective, 0)
             if self.params["gradcam"]:
-                prev = prev_timestep(traj.scheduler, t)
                 with torch.no_grad():
-                    if prev >= 0:
-                        a_prev = alpha_bar(traj.scheduler, prev)
-                        real = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * traj.next_noise()
-                    else:
-                        real = x0
+                    real = diffused_source(traj, x0, prev_timestep(traj.scheduler, t))
                     traj.x = keep * real + (1.0 - keep) * traj.x
         norms /= len(timesteps)
         with torch.no_grad():
@@ -574,13 +578,8 @@ class AugPaintSampler(_Baseline):
         for level, following in zip(levels, levels[1:]):
             if following < level:  # one DDIM step down, then the known region from the real image
                 t = traj.timesteps[steps - level]
-                prev = prev_timestep(traj.scheduler, t)
                 unknown = traj.step(traj.noise(traj.x, t), t, traj.x).prev_sample
-                if prev >= 0:
-                    a_prev = alpha_bar(traj.scheduler, prev)
-                    known_x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * traj.next_noise()
-                else:
-                    known_x = x0
+                known_x = diffused_source(traj, x0, prev_timestep(traj.scheduler, t))
                 traj.x = known * known_x + (1.0 - known) * unknown
             else:  # one level back up: x_t ~ q(x_t | x_{t−1})
                 t = traj.timesteps[steps - following]
@@ -599,14 +598,20 @@ def candidate_seed(seed: int, k: int) -> int:
     return int(seed) if k == 0 else noise_seed(int(seed), k)
 
 
-def class_uncertainty(value_model, images: torch.Tensor, masks: torch.Tensor, num_classes: int,
-                      batch_size: int = 16) -> np.ndarray:
+def _generator_range(images, device) -> torch.Tensor:
+    """Real images in [0, 1] (array or tensor) → f_θ's input range [-1, 1] on ``device``."""
+    return torch.as_tensor(images).to(device=device, dtype=torch.float32) * 2 - 1
+
+
+def class_uncertainty(value_model, images, masks: torch.Tensor, num_classes: int, batch_size: int = 16,
+                      device="cpu") -> np.ndarray:
     """f_θ's uncertainty per class on real data: the mean margin uncertainty 1 − (p_top1 − p_top2) over the
-    pixels the masks label with each class (NaN for a class no mask has). ``images`` in [-1, 1]."""
+    pixels the masks label with each class (NaN for a class no mask has). ``images`` in [0, 1], moved to
+    ``device`` one batch at a time."""
     totals, counts = np.zeros(num_classes), np.zeros(num_classes)
     with torch.no_grad():
         for begin in range(0, len(images), batch_size):
-            probs = value_model(images[begin:begin + batch_size])
+            probs = value_model(_generator_range(images[begin:begin + batch_size], device))
             margins = margin_map(probs).double()
             labels = masks[begin:begin + batch_size].to(margins.device).long()
             totals += torch.zeros(num_classes, dtype=torch.float64, device=margins.device).index_add_(
@@ -650,13 +655,15 @@ class GAUDASampler(_Baseline):
         if not isinstance(self.params["class_adaptive"], bool):
             self._fail("class_adaptive", "must be true or false")
 
-    def choose_sources(self, value_model, images, masks, total, seed, batch_size=16):
-        """Class-adaptive conditioning masks (``images`` in [-1, 1] on f_θ's device, ``masks`` (N, H, W) the
-        training masks); None with ``class_adaptive: false``."""
+    def choose_sources(self, value_model, images, masks, total, seed, batch_size=16, device="cpu"):
+        """Class-adaptive conditioning masks (``images`` the real training images in [0, 1], ``masks`` (N, H, W)
+        the training masks); None with ``class_adaptive: false``."""
         if not self.params["class_adaptive"]:
             return None
-        num_classes = int(value_model(images[:1]).shape[1])
-        uncertainty = class_uncertainty(value_model, images, torch.from_numpy(masks), num_classes, batch_size)
+        with torch.no_grad():
+            num_classes = int(value_model(_generator_range(images[:1], device)).shape[1])
+        uncertainty = class_uncertainty(value_model, images, torch.from_numpy(masks), num_classes, batch_size,
+                                        device)
         present = np.stack([(masks == c).reshape(len(masks), -1).any(1) for c in range(num_classes)], axis=1)
         classes = [c for c in range(1, num_classes) if present[:, c].any() and uncertainty[c] > 0]
         rng = np.random.default_rng([seed, 0x6A0DA])

@@ -76,8 +76,8 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
     sources = conditioning_sources(len(train.masks), params["budget"], seed)
     chosen = None
     if value_model is not None:  # GAUDA picks its masks from f_θ's uncertainty on the real training images
-        real = torch.from_numpy(np.ascontiguousarray(train.images)).to(device) * 2 - 1
-        chosen = sampler.choose_sources(value_model, real, train.masks, len(sources), seed, params["batch_size"])
+        chosen = sampler.choose_sources(value_model, train.images, train.masks, len(sources), seed,
+                                        params["batch_size"], device)
     source_columns = {}
     if chosen is not None:
         sources, source_columns = chosen
