@@ -215,7 +215,7 @@ def denoiser_passes(params: dict) -> int:
 
 
 #: the settings that decide an RD sample besides its seed, mask and generator (GAUDA's candidate 0 shares them)
-_DDIM_KEYS = ("steps", "eta", "guidance_scale", "mask_guidance_scale", "budget")
+_DDIM_KEYS = ("steps", "eta", "guidance_scale", "mask_guidance_scale", "budget", "mask_source", "mask_augment")
 
 
 def candidate_source(config: dict, dataset: str, method: str) -> str | None:

@@ -199,3 +199,23 @@ def test_gauda_class_adaptive_masks_reach_the_synthetic_set(trained, tmp_path):
     for row, mask in zip(records.itertuples(), masks):
         assert row.gauda_class > 0 and (mask == row.gauda_class).any()
         assert np.array_equal(mask, train.masks[ids.index(row.source_sample_id)])
+
+
+def test_gt_aug_sets_are_conditioned_on_the_deformed_masks(trained, tmp_path):
+    from segsynth.data.canonical import load_split
+
+    params = {**SYNTHESIS, "sampler": "ddim", "mask_source": "gt_aug"}
+    synthesize(trained / "gen", trained / "data", "rd", params, seed=1, out_dir=tmp_path / "aug")
+    synthesize(trained / "gen", trained / "data", "rd", {**params, "mask_source": "gt"}, seed=1,
+               out_dir=tmp_path / "gt")
+    train = load_split(trained / "data", "train")
+    ids = train.index["sample_id"].tolist()
+    records = pd.read_parquet(tmp_path / "aug" / "records.parquet")
+    aug, gt = np.load(tmp_path / "aug" / "masks.npy"), np.load(tmp_path / "gt" / "masks.npy")
+    originals = np.stack([train.masks[ids.index(s)] for s in records["source_sample_id"]])
+    assert np.array_equal(gt, originals)
+    assert not np.array_equal(aug, originals)
+    assert all(set(np.unique(a)) <= set(np.unique(o)) for a, o in zip(aug, originals))
+    with pytest.raises(ValueError, match="mask_source"):
+        synthesize(trained / "gen", trained / "data", "rd", {**params, "mask_source": "cloud"}, seed=1,
+                   out_dir=tmp_path / "bad")

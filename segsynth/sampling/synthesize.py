@@ -25,6 +25,7 @@ from ..generator import MaskToImageGenerator
 from ..config import science
 from ..precision import autocast, compute_dtype, configure
 from ..io import atomic_dir, read_json, save_array, write_json, write_parquet
+from ..mask_sources import MASK_SOURCES, augment_pairs, augment_seed
 from ..training import default_device, set_torch_threads
 from .base import build_sampler, noise_seed
 from .value import value_terms
@@ -84,6 +85,19 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
     candidates = None
     if candidates_dir is not None:
         candidates = _first_candidates(candidates_dir, train.index["sample_id"].to_numpy()[sources])
+    mask_source = params.get("mask_source", "gt")
+    if mask_source not in MASK_SOURCES:
+        raise ValueError(f"method {method!r}: unknown mask_source {mask_source!r} (known: {list(MASK_SOURCES)})")
+
+    def conditioning(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(masks, real images in [0, 1]) conditioning the samples ``idx``: the training pairs, deformed per
+        sample for ``gt_aug`` (segsynth.mask_sources)."""
+        masks, images = train.masks[sources[idx]], train.images[sources[idx]]
+        if mask_source == "gt_aug":
+            images, masks = augment_pairs(images, masks, [augment_seed(seed, int(i)) for i in idx],
+                                          params.get("mask_augment"))
+        return np.ascontiguousarray(masks), np.ascontiguousarray(images)
+
     job = {"method": method, "params": science("synthesis", params), "seed": seed, "n": len(sources),
            "precision": str(dtype),
            "inputs": inputs_fingerprint([generator_dir, data_dir, value_model_dir, miner_dir, candidates_dir])}
@@ -99,8 +113,9 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
             return pd.DataFrame()
         began = time.time()
         idx = np.arange(begin, min(begin + batch, len(sources)))
-        masks = torch.from_numpy(np.ascontiguousarray(train.masks[sources[idx]])).to(device)
-        source_images = torch.from_numpy(np.ascontiguousarray(train.images[sources[idx]])).to(device) * 2 - 1
+        batch_masks, batch_images = conditioning(idx)
+        masks = torch.from_numpy(batch_masks).to(device)
+        source_images = torch.from_numpy(batch_images).to(device) * 2 - 1
         if candidates is not None:
             sampler.first_candidates = torch.from_numpy(candidates[idx]).to(device) * 2 - 1
         with autocast(dtype, device):
@@ -126,7 +141,7 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
         frame[column] = values
     with atomic_dir(out_dir) as tmp:
         save_array(tmp / "images.npy", images)
-        save_array(tmp / "masks.npy", train.masks[sources].astype(np.uint8))
+        save_array(tmp / "masks.npy", conditioning(np.arange(len(sources)))[0].astype(np.uint8))
         write_parquet(tmp / "records.parquet", frame)
         write_json(tmp / "meta.json", {"method": method, "params": params, "seed": seed, "n": len(sources),
                                        "seconds": round(seconds, 2),
