@@ -1,13 +1,13 @@
-"""Scoring segmenters: Dice, average surface distance and HD95 per case and class, and mask adherence.
+"""Scoring segmenters: Dice, IoU, average surface distance and HD95 per case and class, and mask adherence.
 
 Empty-structure policy (per sample and foreground class; the usual convention of segmentation
 challenges, so that scores stay finite and comparable):
 
 * class absent from both ground truth and prediction: Dice, ASD and HD95 are NaN — there is nothing
   to segment, so the pair is excluded from every (nan-)mean rather than counted as perfect;
-* class present in only one of them: Dice is 0 and ASD and HD95 are the image diagonal in pixels,
+* class present in only one of them: Dice and IoU are 0 and ASD and HD95 are the image diagonal in pixels,
   the worst distance possible, instead of MONAI's inf/NaN, which would poison every mean;
-* present in both: MONAI's values (Dice; symmetric ASD; HD95 at the 95th percentile), in pixels.
+* present in both: MONAI's values (Dice; IoU; symmetric ASD; HD95 at the 95th percentile), in pixels.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import torch
-from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
 
 from .errors import InputDataError
 from .io import write_parquet
 from .segmenters import Segmenter, load_segmenter, load_synthetic_set
 from .training import set_torch_threads
 
-METRICS = ("dice", "asd", "hd95")
+METRICS = ("dice", "iou", "asd", "hd95")
 #: Samples scored at once; bounds the memory of the one-hot tensors.
 CHUNK = 64
 
@@ -38,7 +38,7 @@ CHUNK = 64
 def evaluate_segmenter(model_dir, data_dir, out_path, split: str = "test", threads: int = 1) -> pd.DataFrame:
     """Score a trained segmenter on one split of a canonical dataset and write the long table.
 
-    Columns: sample_id, case_id, class_index, class_name, metric ("dice" | "asd" | "hd95"), value;
+    Columns: sample_id, case_id, class_index, class_name, metric ("dice" | "iou" | "asd" | "hd95"), value;
     one row per sample, foreground class and metric. See the module docstring for empty classes. The surface
     distances (MONAI's, on the CPU) run in ``threads`` processes: inside a GPU job the GPU waits for them.
     """
@@ -53,6 +53,7 @@ def evaluate_segmenter(model_dir, data_dir, out_path, split: str = "test", threa
     data = load_split(data_dir, split)
     predicted = predict_labels(segmenter, data.images)
     scores = {"dice": dice_scores(predicted, data.masks, len(class_names)),
+              "iou": iou_scores(predicted, data.masks, len(class_names)),
               **distance_scores(predicted, data.masks, len(class_names), workers=threads)}
     frame = pd.concat([_long_scores(data.index, class_names, metric, scores[metric]) for metric in METRICS],
                       ignore_index=True)
@@ -122,11 +123,21 @@ def predict_labels(segmenter: Segmenter, images: np.ndarray) -> np.ndarray:
 
 def dice_scores(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """Dice per sample and foreground class, (N, K-1), under the module's empty-structure policy."""
+    return _overlap_scores(compute_dice, predicted, truth, num_classes)
+
+
+def iou_scores(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """IoU (Jaccard) per sample and foreground class, (N, K-1), under the module's empty-structure policy; its
+    mean over classes is the mIoU ORDER and LEAF report."""
+    return _overlap_scores(compute_iou, predicted, truth, num_classes)
+
+
+def _overlap_scores(metric, predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     out = np.empty((len(truth), num_classes - 1))
     for rows, pred_hot, true_hot in _one_hot_chunks(predicted, truth, num_classes):
         with _quiet_monai():
-            dice = compute_dice(pred_hot, true_hot, include_background=False, ignore_empty=True)
-        out[rows] = _apply_policy(dice.numpy(), pred_hot, true_hot, absent_in_one=0.0)
+            values = metric(pred_hot, true_hot, include_background=False, ignore_empty=True)
+        out[rows] = _apply_policy(values.numpy(), pred_hot, true_hot, absent_in_one=0.0)
     return out
 
 

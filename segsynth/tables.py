@@ -14,7 +14,8 @@ from .io import write_parquet, write_text
 BASELINE = "baseline"
 RUN_KEYS = ["dataset", "segmenter", "method", "seed"]
 #: Column label, metric, scale and decimals of the main table; DSC is reported in percent.
-MAIN_COLUMNS = (("DSC (%)", "dice", 100.0, 1), ("ASD", "asd", 1.0, 2), ("HD95", "hd95", 1.0, 2))
+MAIN_COLUMNS = (("DSC (%)", "dice", 100.0, 1), ("IoU (%)", "iou", 100.0, 1), ("ASD", "asd", 1.0, 2),
+                ("HD95", "hd95", 1.0, 2))
 
 
 def main_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -47,9 +48,11 @@ def main_summary(main: pd.DataFrame, fidelity: pd.DataFrame | None = None,
     rows = []
     for method in method_order(means["method"]):
         row = {"Method": method_label(method)}
+        # a metric no run has (evaluations written before IoU existed) gets no column
+        columns = [c for c in MAIN_COLUMNS if (means["metric"] == c[1]).any()]
         for dataset, segmenter in blocks:
             run = means[(means["method"] == method) & (means["dataset"] == dataset) & (means["segmenter"] == segmenter)]
-            for label, metric, scale, decimals in MAIN_COLUMNS:
+            for label, metric, scale, decimals in columns:
                 row[f"{dataset} · {segmenter} {label}"] = mean_std(run.loc[run["metric"] == metric, "value"] * scale,
                                                                    decimals)
         for dataset in dict.fromkeys(means["dataset"]):
@@ -268,7 +271,7 @@ def _caption(means: pd.DataFrame) -> str:
     baseline_seeds = means.loc[means["method"] == BASELINE, "seed"].nunique()
     baseline = "a single real-only run" if baseline_seeds == 1 else f"real-only, {baseline_seeds} seeds"
     return (f"Mean ± std over n = {n} seeds of the mean over foreground classes (Baseline: {baseline}); "
-            "DSC in %, ASD and HD95 in pixels.")
+            "DSC and IoU in % (per 2D image), ASD and HD95 in pixels.")
 
 
 def segmenter_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -296,7 +299,7 @@ def segmenter_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def segmenter_markdown(table: pd.DataFrame) -> str:
     lines = ["Real-only models; metrics are mean ± std over test samples of the mean over foreground classes "
-             "(DSC in %, ASD and HD95 in pixels); MACs of one image at the dataset's resolution; training wall "
+             "(DSC and IoU in %, ASD and HD95 in pixels); MACs of one image at the dataset's resolution; training wall "
              "time from the job's benchmark file.", "",
              "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | ASD | HD95 |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -113,12 +113,13 @@ def test_evaluate_segmenter_writes_long_table(tmp_path, monkeypatch):
 
     assert list(frame.columns) == ["sample_id", "case_id", "class_index", "class_name", "metric", "value"]
     pd.testing.assert_frame_equal(pd.read_parquet(out), frame, check_dtype=False)
-    assert len(frame) == 4 * 2 * 3
+    assert len(frame) == 4 * 2 * 4
     row = frame.set_index(["sample_id", "class_name", "metric"])["value"]
     assert row[("t0", "b", "dice")] == 1.0 and row[("t0", "b", "hd95")] == 0.0
     assert np.isnan(row[("t1", "b", "dice")]) and np.isnan(row[("t3", "b", "asd")])
     class_a = frame[frame["class_name"] == "a"].groupby("metric")["value"]
-    assert class_a.min().to_dict() == class_a.max().to_dict() == {"asd": 0.0, "dice": 1.0, "hd95": 0.0}
+    assert class_a.min().to_dict() == class_a.max().to_dict() == {"asd": 0.0, "dice": 1.0, "hd95": 0.0,
+                                                                   "iou": 1.0}
     assert frame.loc[frame["sample_id"] == "t2", "case_id"].eq("c1").all()
 
 
@@ -155,7 +156,7 @@ def test_evaluate_trained_model_end_to_end(tmp_path):
     train_segmenter(cfg, data, tmp_path / "model", seed=0)
 
     frame = evaluate_segmenter(tmp_path / "model", data, tmp_path / "metrics.parquet")
-    assert len(frame) == 4 * 2 * 3 and set(frame["metric"]) == {"dice", "asd", "hd95"}
+    assert len(frame) == 4 * 2 * 4 and set(frame["metric"]) == {"dice", "iou", "asd", "hd95"}
     values = frame["value"].dropna()
     assert values.between(0.0, DIAGONAL).all()
 
@@ -183,3 +184,17 @@ def test_profile_and_segmenter_table(tmp_path):
     assert list(table["params"]) == [profile["params"]] and list(table["train_s"]) == [12.5]
     assert 0 <= table["dice_mean"].iloc[0] <= 1 and table["hd95_std"].notna().all()
     assert "| tiny | unet | monai_unet |" in (tmp_path / "seg.md").read_text()
+
+
+def test_iou_is_dice_over_two_minus_dice_under_the_same_policy():
+    """IoU = D / (2 − D) per sample and class; 0 where a class is in one of truth and prediction only, NaN
+    where in neither."""
+    truth = np.stack([square(2, 2) + square(9, 9, label=2), square(3, 3), square(3, 3)])
+    predicted = np.stack([square(3, 3) + square(9, 9, label=2), square(3, 3, label=2), np.zeros((SIZE, SIZE))])
+    predicted = predicted.astype(truth.dtype)
+    dice = evaluation.dice_scores(predicted, truth, 3)
+    iou = evaluation.iou_scores(predicted, truth, 3)
+    both = ~np.isnan(dice)
+    np.testing.assert_allclose(iou[both], dice[both] / (2 - dice[both]), atol=1e-6)
+    assert np.array_equal(np.isnan(iou), np.isnan(dice))
+    assert 0 < iou[0, 0] < 1 and iou[1, 0] == 0.0 and iou[2, 0] == 0.0

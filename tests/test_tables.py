@@ -61,6 +61,7 @@ def test_main_markdown_layout(runs):
     assert "| Method | mni · monai_unet DSC (%) | mni · monai_unet ASD | mni · monai_unet HD95 |" in lines
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Method")]
     # Baseline first without ±, then methods in given order; std is the sample std (ddof = 1)
+    # (these runs carry no IoU rows, as evaluations written before IoU existed: no IoU column)
     assert rows == ["| Baseline | 70.0 | 1.00 | 4.00 |",
                     "| vgd | 85.0 ± 7.1 | 1.00 ± 0.00 | 4.00 ± 0.00 |",
                     "| plain | 60.0 ± 14.1 | 1.00 ± 0.00 | 4.00 ± 0.00 |"]
