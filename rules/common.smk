@@ -5,7 +5,7 @@ from pathlib import Path
 
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
                              canonical, check_references, dataset_sources, method_params, miner_schedule, science,
-                             subset_name, weight_sources)
+                             subset_name, used_methods, weight_sources)
 from segsynth.provenance import code_version
 
 check_references(config)
@@ -70,6 +70,16 @@ def needs_miner(method):
     return config["methods"][method]["sampler"] == "miner"
 
 
+def needs_mask_vae(dataset, method):
+    """Whether the method draws its masks from the mask VAE p_ω(m | c) (mask_source: cvae)."""
+    return method_params(config, dataset, method).get("mask_source", "gt") == "cvae"
+
+
+def mask_vae_datasets():
+    """The datasets of this run with a method whose masks come from the mask VAE."""
+    return [d for d in RUN["datasets"] if any(needs_mask_vae(d, m) for m in used_methods(config))]
+
+
 def synthesis_inputs(wildcards):
     inputs = {
         "data": f"results/{wildcards.dataset}/data",
@@ -81,6 +91,8 @@ def synthesis_inputs(wildcards):
         inputs["miner"] = (
             f"results/{wildcards.dataset}/miners/{wildcards.generator}/{RUN['value_segmenter']}"
         )
+    if needs_mask_vae(wildcards.dataset, wildcards.method):
+        inputs["mask_vae"] = f"results/{wildcards.dataset}/mask_vae"
     rd = candidate_source(config, wildcards.dataset, wildcards.method)
     if rd is not None:  # GAUDA's first candidates are this RD set's images: read, not sampled again
         inputs["candidates"] = f"results/{wildcards.dataset}/synthetic/{wildcards.generator}/{rd}/seed{wildcards.seed}"
@@ -203,6 +215,8 @@ def analysis_outputs():
         outputs += ["results/tables/budget.parquet", "results/tables/budget.md", "results/figures/budget.png"]
     if SUBSETS:
         outputs += ["results/tables/subsets.parquet", "results/tables/subsets.md"]
+    if mask_vae_datasets():
+        outputs += ["results/tables/mask_vae.parquet", "results/tables/mask_vae.md"]
     return outputs
 
 
@@ -278,4 +292,5 @@ def benchmark_files():
     files |= {f"benchmarks/{d}/synthetic/{g}/{m}/{seed}.tsv" for d, g, m, seed in synthesized}
     files |= {f"benchmarks/{d}/miners/{g}/{RUN['value_segmenter']}.tsv"
               for d, g, m, _ in synthesized if needs_miner(m)}
+    files |= {f"benchmarks/{d}/mask_vae.tsv" for d, g, m, _ in synthesized if needs_mask_vae(d, m)}
     return sorted(files)

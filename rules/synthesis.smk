@@ -1,3 +1,28 @@
+rule train_mask_vae:
+    """Train p_ω(m | c), the class-conditioned mask VAE that methods with mask_source: cvae draw their masks
+    from (checkpoints every mask_vae.checkpoint_every steps; a restarted job resumes); writes the quality of its
+    samples against the training masks beside the weights."""
+    input:
+        data="results/{dataset}/data",
+    output:
+        directory("results/{dataset}/mask_vae"),
+    params:
+        mask_vae=science("mask_vae", config.get("mask_vae") or {}),  # the job reads checkpoint_every from the config
+        seed=config["seeds"]["generator"],
+        code=code("train_mask_vae"),
+    log:
+        "logs/{dataset}/mask_vae.log",
+    benchmark:
+        "benchmarks/{dataset}/mask_vae.tsv"
+    conda:
+        torch_env()
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../scripts/train_mask_vae.py"
+
+
 rule synthesize:
     """One synthetic set per (dataset, generator, method, seed): budget × |train| image–mask pairs."""
     input:

@@ -63,6 +63,30 @@ rule adherence_table:
         "../scripts/adherence_table.py"
 
 
+rule mask_vae_table:
+    """The mask VAE's samples against the training masks, per dataset and class (presence, area, Wasserstein
+    distance of the area distributions, condition recall)."""
+    input:
+        expand("results/{dataset}/mask_vae", dataset=mask_vae_datasets()),
+    output:
+        parquet="results/tables/mask_vae.parquet",
+        markdown=report(
+            "results/tables/mask_vae.md",
+            caption="../report/mask_vae.rst",
+            category="Tables",
+            labels={"table": "mask VAE samples"},
+        ),
+    params:
+        code=code("mask_vae_table"),
+        datasets=mask_vae_datasets(),
+    log:
+        "logs/tables/mask_vae.log",
+    conda:
+        "../envs/tables.yaml"
+    script:
+        "../scripts/mask_vae_table.py"
+
+
 rule fidelity_table:
     """FID, KID and the domain FID of every synthetic set, and their mean ± std over seeds per method."""
     input:

@@ -17,4 +17,5 @@ run_logged(
     precision=snakemake.params.precision,
     miner_dir=snakemake.input.get("miner"),
     candidates_dir=snakemake.input.get("candidates"),  # GAUDA's first candidates: the run's RD set
+    mask_vae_dir=snakemake.input.get("mask_vae"),  # p_ω(m | c) of mask_source: cvae
 )

@@ -17,7 +17,7 @@ import pandas as pd
 from .errors import InputDataError
 from .io import atomic_dir, save_array, write_json, write_parquet, write_text
 from .synthetic_set import load_synthetic_set
-from .tables import main_table, mean_std
+from .tables import dataset_units, main_table, mean_std, units_phrase
 
 SUBSET_META = "meta.json"
 
@@ -114,14 +114,30 @@ def budget_prefix(source_dir, data_dir, method: str, params: dict, seed: int, ou
 
 
 def _dice_means(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per run: the mean over foreground classes of the case-mean Dice (``main_table``'s class "mean")."""
+    """Per run: the mean over foreground classes of the per-volume or per-image mean Dice (``main_table``'s class
+    "mean"), and its unit."""
     main = main_table(runs)
     dice = main[(main["class"] == "mean") & (main["metric"] == "dice")]
     return dice.drop(columns=["class", "metric"]).rename(columns={"value": "dice"})
 
 
+def _baseline_dice(baseline: pd.DataFrame, dice: pd.DataFrame) -> pd.DataFrame:
+    """``dice`` (rows of :func:`_dice_means` with dataset, segmenter, unit) joined with the mean real-only Baseline
+    Dice of its dataset and segmenter; a run scored in another unit than its Baseline is refused."""
+    base = (_dice_means(baseline).groupby(["dataset", "segmenter"])
+            .agg(baseline_dice=("dice", "mean"), baseline_unit=("unit", "first")))
+    dice = dice.join(base, on=["dataset", "segmenter"])
+    mixed = dice["baseline_unit"].notna() & (dice["unit"] != dice["baseline_unit"])
+    if mixed.any():
+        row = dice[mixed].iloc[0]
+        raise InputDataError(baseline["path"].iloc[0], f"the Baseline of {row['dataset']} · {row['segmenter']} "
+                             f"was scored in {row['baseline_unit']}, its runs in {row['unit']}; rerun the evaluations")
+    return dice.drop(columns="baseline_unit")
+
+
 def budget_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
-    """Rows: dataset, segmenter, method, budget, seed, dice, delta_dice (vs. the real-only Baseline).
+    """Rows: dataset, segmenter, method, budget, seed, dice, delta_dice (vs. the real-only Baseline), unit (of
+    the Dice: ``volume·mm`` per 3D volume or ``slice·px`` per 2D image, as in ``main_table``).
 
     ``runs``: dataset, segmenter, method (the swept method), budget, seed, path; ``baseline``: the same
     columns but budget for the real-only runs."""
@@ -129,11 +145,10 @@ def budget_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     dice = _dice_means(keyed[["dataset", "segmenter", "method", "seed", "path"]])
     dice = dice.merge(keyed[["dataset", "segmenter", "method", "seed", "swept", "budget"]],
                       on=["dataset", "segmenter", "method", "seed"])
-    base = _dice_means(baseline).groupby(["dataset", "segmenter"])["dice"].mean().rename("baseline_dice")
-    dice = dice.join(base, on=["dataset", "segmenter"])
+    dice = _baseline_dice(baseline, dice)
     dice["delta_dice"] = dice["dice"] - dice["baseline_dice"]
     return (dice.drop(columns=["method", "baseline_dice"]).rename(columns={"swept": "method"})
-            [["dataset", "segmenter", "method", "budget", "seed", "dice", "delta_dice"]]
+            [["dataset", "segmenter", "method", "budget", "seed", "dice", "delta_dice", "unit"]]
             .sort_values(["dataset", "segmenter", "method", "budget", "seed"]).reset_index(drop=True))
 
 
@@ -141,7 +156,7 @@ def budget_markdown(table: pd.DataFrame) -> str:
     """ΔDSC (points) per method (rows) and budget (columns), mean ± std over seeds."""
     budgets = sorted(table["budget"].unique())
     lines = [f"ΔDSC (points) over the real-only Baseline by synthesis budget N_s = b × |train|; mean ± std over "
-             f"n = {_seed_count(table)} seeds.", "",
+             f"n = {_seed_count(table)} seeds; {units_phrase(dataset_units(table), 'DSC', distances=False)}.", "",
              "| Dataset · segmenter | Method | " + " | ".join(f"{b:g}×" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
     for (dataset, segmenter, method), rows in table.groupby(["dataset", "segmenter", "method"], sort=False):
@@ -151,7 +166,8 @@ def budget_markdown(table: pd.DataFrame) -> str:
 
 
 def subset_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
-    """Rows: dataset, segmenter, method, threshold, seed, count, share, dice, delta_dice, per_sample_gain.
+    """Rows: dataset, segmenter, method, threshold, seed, count, share, dice, delta_dice, per_sample_gain, unit
+    (of the Dice, as in ``main_table``).
 
     ``runs``: dataset, segmenter, method (the source method), threshold, seed, path (metrics parquet) and
     synthetic (the set's directory: a subset, or the whole set for τ = 0), whose meta.json gives the count."""
@@ -163,13 +179,12 @@ def subset_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     dice = dice.rename(columns={"method": "run"}).merge(
         keyed[["dataset", "segmenter", "run", "seed", "method", "threshold", "count", "share"]],
         on=["dataset", "segmenter", "run", "seed"])
-    base = _dice_means(baseline).groupby(["dataset", "segmenter"])["dice"].mean().rename("baseline_dice")
-    dice = dice.join(base, on=["dataset", "segmenter"])
+    dice = _baseline_dice(baseline, dice)
     dice["delta_dice"] = dice["dice"] - dice["baseline_dice"]
     # the paper's unit: ΔDSC in points per sample (its Table: +5.05 over 1,128 samples = 4.48×10⁻³)
     dice["per_sample_gain"] = dice["delta_dice"] * 100.0 / dice["count"].where(dice["count"] > 0)
     return (dice[["dataset", "segmenter", "method", "threshold", "seed", "count", "share", "dice", "delta_dice",
-                  "per_sample_gain"]]
+                  "per_sample_gain", "unit"]]
             .sort_values(["dataset", "segmenter", "method", "threshold", "seed"]).reset_index(drop=True))
 
 
@@ -178,7 +193,7 @@ def subset_markdown(table: pd.DataFrame, baseline: pd.DataFrame) -> str:
     base = _dice_means(baseline)
     lines = [f"Training on the samples whose adversariality 1 − exp(−class-balanced CE) under f_θ exceeds τ; mean "
              f"± std over n = {_seed_count(table)} seeds (count and share: mean over seeds). Per-sample gain = "
-             "ΔDSC (points) / count.", "",
+             f"ΔDSC (points) / count. {units_phrase(dataset_units(table), 'DSC', distances=False)}.", "",
              "| Dataset · segmenter | Subset | Count | Share | DSC (%) (Δ) | Per-sample gain (×10⁻³) |",
              "|---|---|---|---|---|---|"]
     for (dataset, segmenter), rows in table.groupby(["dataset", "segmenter"], sort=False):

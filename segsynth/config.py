@@ -257,9 +257,14 @@ def validate_config(config: dict) -> None:
 # Snakemake compares between runs, so changing one reruns nothing; the jobs read them from the config.
 # (Synthesis noise is drawn per sample from its own seed, so the batch size changes no sample; trainers
 # resume bit-identically from any checkpoint interval; nnU-Net's data_workers only parallelise loading.)
+#: the ``mask_vae`` entry's defaults (segsynth.mask_vae; config.yaml has the embedded default's values)
+MASK_VAE_DEFAULTS = {"latent_size": 32, "channels": [16, 32, 64], "steps": 400, "batch_size": 32, "lr": 1.0e-3,
+                     "kl_weight": 1.0, "checkpoint_every": 100}
+
 RUNTIME_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "generator": (("training", "checkpoint_every"), ("training", "gradient_checkpointing")),
     "miner": (("checkpoint_every",),),
+    "mask_vae": (("checkpoint_every",),),
     "segmenter": (("checkpoint_every",), ("data_workers",), ("compile",)),
     "synthesis": (("batch_size",),),
 }

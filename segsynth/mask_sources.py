@@ -8,8 +8,9 @@
   stay labels, the real image (for the samplers that edit it) moved with it, bilinear. The transform's random
   state is seeded by the sample's own noise seed, so a sample's mask depends on its seed alone.
 
-(``cvae``, masks drawn from a class-conditioned VAE trained as its own rule, is the issue's third source and is
-not built yet.)
+- ``cvae``: a draw of the class-conditioned mask VAE p_ω(m | c) trained by the ``train_mask_vae`` rule
+  (segsynth.mask_vae), c = the classes of the sample's source training mask, z from the sample's own seed; the
+  real image beside it (for the samplers that edit one) is the source pair's, unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 
 import numpy as np
 
-MASK_SOURCES = ("gt", "gt_aug")
+MASK_SOURCES = ("gt", "gt_aug", "cvae")
 
 #: the deformation of ``gt_aug``; a method's ``mask_augment`` entry overrides any key
 GT_AUG_DEFAULTS = {

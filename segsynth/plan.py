@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import budget_methods, candidate_source, denoiser_passes, method_params, read_configs
+from .config import MASK_VAE_DEFAULTS, budget_methods, candidate_source, denoiser_passes, method_params, read_configs
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -110,6 +110,9 @@ AUTO_PRECISION = "bf16"
 GENERATOR_STEP_S = 0.30
 GENERATOR_TRAIN_UNET = 1.6
 TINY_GENERATOR_STEP_S = 0.01
+#: One step of the mask VAE p_ω(m | c) (~0.3 M parameters, 32 masks): launch-bound like the tiny generator's;
+#: assumed, scaled by the pixels of the dataset's masks (its CPU cost is in the README's demo runs).
+MASK_VAE_STEP_S = 0.01
 #: One Miner training sample, in DDIM steps: the initial score (0.5), ``rollout_steps`` no-grad DDIM steps,
 #: the SD-VAE decoder forward + backward (2.6), f_θ forward + backward (0.12) and M_ξ (0.05).
 MINER_SAMPLE_FIXED_STEPS = 0.5 + 2.6 + 0.12 + 0.05
@@ -419,6 +422,13 @@ def miner_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
                 STARTUP_S["training"] + miner["steps"] * step)
 
 
+def mask_vae_cost(ctx: Context, wc: dict) -> Cost:
+    cfg = {**MASK_VAE_DEFAULTS, **(ctx.config.get("mask_vae") or {})}
+    step = MASK_VAE_STEP_S * cfg["batch_size"] / 32 * _pixels(ctx.config, wc["dataset"])
+    return Cost("mask VAE training", ("train_mask_vae",), "step", cfg["steps"],
+                STARTUP_S["training"] + cfg["steps"] * step)
+
+
 def protocol_of(entry: dict, scenario: Scenario) -> str:
     return scenario.protocol or entry.get("protocol", "scratch")
 
@@ -502,6 +512,8 @@ def job_cost(ctx: Context, job: Job, scenario: Scenario) -> Cost:
         return generator_cost(ctx, wc, scenario)
     if rule == "train_miner":
         return miner_cost(ctx, wc, scenario)
+    if rule == "train_mask_vae":
+        return mask_vae_cost(ctx, wc)
     if rule in ("train_segmenter_real", "train_segmenter_augmented"):
         return segmenter_cost(ctx, rule, wc, scenario)
     if rule in ("evaluate_real", "evaluate_augmented", "profile_segmenter"):

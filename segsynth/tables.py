@@ -3,12 +3,20 @@
 Runs are listed in a frame (one row per trained segmenter, with the path of its metrics parquet),
 so the workflow decides which runs exist and these functions only aggregate. Spread is the sample
 standard deviation (ddof = 1) over seeds.
+
+Scores are averaged per 3D volume (distances in mm) where an evaluation has volume rows (unit ``volume·mm``,
+datasets that know their volumes and spacing) and per 2D image (distances in pixels) otherwise: the tables carry
+that convention in a ``unit`` column and their captions say which one each dataset's columns use.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
+from .data.canonical import SLICE_PX, VOLUME_MM
+from .errors import InputDataError
 from .io import write_parquet, write_text
 
 BASELINE = "baseline"
@@ -19,22 +27,76 @@ MAIN_COLUMNS = (("DSC (%)", "dice", 100.0, 1), ("IoU (%)", "iou", 100.0, 1), ("A
 
 
 def main_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per run, class and metric: nan-mean over cases; plus class "mean", the mean over foreground classes.
+    """Per run, class and metric: nan-mean over the scored units (volumes where the evaluation has volume rows,
+    else images; :func:`scored_rows`); plus class "mean", the mean over foreground classes.
 
     ``runs`` has columns dataset, segmenter, method, seed, path (a parquet written by
-    ``evaluate_segmenter``). Returns long rows: dataset, segmenter, method, seed, class, metric, value.
+    ``evaluate_segmenter``). Returns long rows: dataset, segmenter, method, seed, class, metric, value, unit
+    (``slice·px`` or ``volume·mm``). The runs of one dataset must share the unit (else an error names a file:
+    evaluations of two segsynth versions are mixed; rerun them).
     """
     frames = [_run_means(pd.read_parquet(run.path)).assign(**{key: getattr(run, key) for key in RUN_KEYS})
               for run in runs.itertuples(index=False)]
-    return pd.concat(frames, ignore_index=True)[[*RUN_KEYS, "class", "metric", "value"]]
+    main = pd.concat(frames, ignore_index=True)[[*RUN_KEYS, "class", "metric", "value", "unit"]]
+    _check_units(main, runs)
+    return main
+
+
+def scored_rows(metrics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows of an evaluation table the tables average, and their unit: the volume rows (``volume·mm``) where
+    there are any, else the per-slice rows (``slice·px``; also every row of a table written before the ``unit``
+    column existed)."""
+    if "unit" not in metrics.columns:
+        return metrics, SLICE_PX
+    unit = VOLUME_MM if (metrics["unit"] == VOLUME_MM).any() else SLICE_PX
+    return metrics[metrics["unit"] == unit], unit
 
 
 def _run_means(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One run's case means per class (NaN cases skipped) and their mean over classes as class "mean"."""
+    """One run's means per class over its scored units (NaN ones skipped) and their mean over classes as
+    class "mean", with the unit."""
+    metrics, unit = scored_rows(metrics)
     per_class = (metrics.groupby(["class_index", "class_name", "metric"], sort=True)["value"]
                  .mean().reset_index().rename(columns={"class_name": "class"}))
     overall = per_class.groupby("metric", sort=False)["value"].mean().reset_index().assign(**{"class": "mean"})
-    return pd.concat([per_class.drop(columns="class_index"), overall], ignore_index=True)
+    return pd.concat([per_class.drop(columns="class_index"), overall], ignore_index=True).assign(unit=unit)
+
+
+def _check_units(table: pd.DataFrame, runs: pd.DataFrame) -> None:
+    """Refuse a dataset whose runs were scored in different units: their means would not be comparable."""
+    units = table.groupby("dataset", sort=False)["unit"].unique()
+    for dataset, found in units.items():
+        if len(found) > 1:
+            path = next(run.path for run in runs.itertuples(index=False) if run.dataset == dataset)
+            raise InputDataError(path, f"the runs of dataset {dataset} were scored in different units "
+                                 f"{sorted(found)}; rerun their evaluations with one segsynth version")
+
+
+def dataset_units(table: pd.DataFrame) -> dict[str, str]:
+    """Dataset → unit of a table with dataset and unit columns (``slice·px`` where the unit column is absent)."""
+    if "unit" not in table.columns:
+        return dict.fromkeys(table["dataset"], SLICE_PX)
+    return dict(zip(table["dataset"], table["unit"]))
+
+
+#: How each unit reads in a caption: the scored unit, and the unit of ASD and HD95.
+UNIT_WORDS = {SLICE_PX: ("per 2D image", "in pixels"), VOLUME_MM: ("per 3D volume", "in mm")}
+
+
+def units_phrase(units: dict[str, str], scores: str = "DSC and IoU in %", distances: bool = True) -> str:
+    """A caption's statement of how each dataset was scored, e.g. "DSC and IoU in % (per 2D image), ASD and HD95
+    in pixels", or per dataset where datasets differ ("… in %; acdc: per 3D volume, ASD and HD95 in mm; mni: per
+    2D image, ASD and HD95 in pixels"). ``distances`` False leaves ASD and HD95 out."""
+    by_unit: dict[str, list[str]] = {}
+    for dataset, unit in units.items():
+        by_unit.setdefault(unit, []).append(str(dataset))
+    if len(by_unit) <= 1:
+        per, length = UNIT_WORDS[next(iter(by_unit), SLICE_PX)]
+        return f"{scores} ({per})" + (f", ASD and HD95 {length}" if distances else "")
+    parts = [f"{', '.join(datasets)}: {UNIT_WORDS[unit][0]}" + (f", ASD and HD95 {UNIT_WORDS[unit][1]}"
+                                                                 if distances else "")
+             for unit, datasets in sorted(by_unit.items(), key=lambda item: item[0] != VOLUME_MM)]
+    return f"{scores}; " + "; ".join(parts)
 
 
 def main_summary(main: pd.DataFrame, fidelity: pd.DataFrame | None = None,
@@ -188,7 +250,7 @@ def write_adherence_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> p
     return adherence
 
 
-SYNTHETIC_ONLY_COLUMNS = ["dataset", "generator", "method", "seed", "segmenter", "metric", "value"]
+SYNTHETIC_ONLY_COLUMNS = ["dataset", "generator", "method", "seed", "segmenter", "metric", "value", "unit"]
 
 
 def synthetic_only_table(runs: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
@@ -197,23 +259,29 @@ def synthetic_only_table(runs: pd.DataFrame, baselines: pd.DataFrame) -> pd.Data
 
     ``runs``: dataset, generator, method, seed, segmenter, path (the synthetic-only model's evaluation parquet);
     ``baselines``: dataset, segmenter, path (the real-only model's). Long rows (``SYNTHETIC_ONLY_COLUMNS``) with
-    the metrics ``dice`` (the class-"mean" DSC of the main table: case means per class, then the mean over
-    foreground classes), ``baseline_dice`` and ``dice_ratio`` = dice / baseline_dice."""
+    the metrics ``dice`` (the class-"mean" DSC of the main table: means per class over volumes or images, then
+    the mean over foreground classes), ``baseline_dice`` and ``dice_ratio`` = dice / baseline_dice, and the
+    unit both were scored in (a run and its Baseline in different units are refused)."""
     baseline = {(row.dataset, row.segmenter): _mean_dice(row.path) for row in baselines.itertuples(index=False)}
     records = []
     for row in runs.itertuples(index=False):
-        dice, reference = _mean_dice(row.path), baseline[(row.dataset, row.segmenter)]
+        (dice, unit), (reference, reference_unit) = _mean_dice(row.path), baseline[(row.dataset, row.segmenter)]
+        if unit != reference_unit:
+            raise InputDataError(row.path, f"scored in {unit}, its Baseline in {reference_unit}; rerun the "
+                                 "evaluations with one segsynth version")
         keys = {"dataset": row.dataset, "generator": row.generator, "method": row.method, "seed": row.seed,
                 "segmenter": row.segmenter}
-        records += [{**keys, "metric": "dice", "value": dice},
-                    {**keys, "metric": "baseline_dice", "value": reference},
-                    {**keys, "metric": "dice_ratio", "value": dice / reference}]
+        records += [{**keys, "metric": "dice", "value": dice, "unit": unit},
+                    {**keys, "metric": "baseline_dice", "value": reference, "unit": unit},
+                    {**keys, "metric": "dice_ratio", "value": dice / reference, "unit": unit}]
     return pd.DataFrame(records, columns=SYNTHETIC_ONLY_COLUMNS)
 
 
-def _mean_dice(path) -> float:
+def _mean_dice(path) -> tuple[float, str]:
+    """The class-"mean" Dice of one evaluation parquet (as in the main table) and its unit."""
     means = _run_means(pd.read_parquet(path))
-    return float(means.loc[(means["class"] == "mean") & (means["metric"] == "dice"), "value"].iloc[0])
+    dice = means.loc[(means["class"] == "mean") & (means["metric"] == "dice"), "value"].iloc[0]
+    return float(dice), str(means["unit"].iloc[0])
 
 
 def synthetic_only_markdown(table: pd.DataFrame) -> str:
@@ -221,7 +289,8 @@ def synthetic_only_markdown(table: pd.DataFrame) -> str:
     over seeds."""
     caption = ("A segmenter trained on one synthetic set alone (no real image), scored on the real test split; "
                "DSC in % (mean over foreground classes), mean ± std over synthesis seeds; ratio: synthetic-only "
-               "DSC / real-only Baseline DSC of the same segmenter, in %.")
+               "DSC / real-only Baseline DSC of the same segmenter, in %. "
+               f"{units_phrase(dataset_units(table), 'DSC', distances=False)}.")
     lines = ["| Dataset | Segmenter | Generator | Method | Synthetic-only DSC (%) | Baseline DSC (%) | Ratio (%) | Seeds |",
              "|---|---|---|---|---|---|---|---|"]
     keys = ["dataset", "segmenter", "generator", "method"]
@@ -271,7 +340,7 @@ def _caption(means: pd.DataFrame) -> str:
     baseline_seeds = means.loc[means["method"] == BASELINE, "seed"].nunique()
     baseline = "a single real-only run" if baseline_seeds == 1 else f"real-only, {baseline_seeds} seeds"
     return (f"Mean ± std over n = {n} seeds of the mean over foreground classes (Baseline: {baseline}); "
-            "DSC and IoU in % (per 2D image), ASD and HD95 in pixels.")
+            f"{units_phrase(dataset_units(means))}.")
 
 
 def segmenter_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -279,27 +348,34 @@ def segmenter_table(rows: pd.DataFrame) -> pd.DataFrame:
 
     ``rows`` has columns dataset, segmenter, eval (the model's test metrics parquet), profile (the JSON of
     ``profile_segmenter``) and benchmark (the training job's benchmark file). Metrics are mean and std over
-    test samples of each sample's mean over the foreground classes present (Dice, ASD, HD95).
+    the scored units (test volumes where the evaluation has volume rows, else test samples: :func:`scored_rows`)
+    of each unit's mean over the foreground classes present (Dice, ASD, HD95); ``unit`` says which.
     """
     from .io import read_json
 
     records = []
     for row in rows.itertuples(index=False):
         profile = read_json(row.profile)
-        metrics = pd.read_parquet(row.eval)
+        metrics, unit = scored_rows(pd.read_parquet(row.eval))
         per_sample = metrics.groupby(["metric", "sample_id"])["value"].mean().groupby("metric")
         record = {"dataset": row.dataset, "segmenter": row.segmenter, "kind": profile["kind"],
                   "params": profile["params"], "macs": profile["macs"],
                   "train_s": float(pd.read_csv(row.benchmark, sep="\t")["s"].iloc[-1])}
         for metric, values in per_sample:
             record[f"{metric}_mean"], record[f"{metric}_std"] = values.mean(), values.std(ddof=1)
-        records.append(record)
+        records.append({**record, "unit": unit})
     return pd.DataFrame(records)
 
 
 def segmenter_markdown(table: pd.DataFrame) -> str:
-    lines = ["Real-only models; metrics are mean ± std over test samples of the mean over foreground classes "
-             "(DSC and IoU in %, ASD and HD95 in pixels); MACs of one image at the dataset's resolution; training wall "
+    units = dataset_units(table)
+    if set(units.values()) <= {SLICE_PX}:
+        metrics = ("metrics are mean ± std over test samples of the mean over foreground classes "
+                   "(DSC and IoU in %, ASD and HD95 in pixels)")
+    else:
+        metrics = ("metrics are mean ± std over test volumes or images of the mean over foreground classes "
+                   f"({units_phrase(units)})")
+    lines = [f"Real-only models; {metrics}; MACs of one image at the dataset's resolution; training wall "
              "time from the job's benchmark file.", "",
              "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | ASD | HD95 |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -359,3 +435,32 @@ def write_cost_tables(benchmark_files, parquet_path, markdown_path) -> pd.DataFr
     write_parquet(parquet_path, costs)
     write_text(markdown_path, cost_markdown(costs))
     return costs
+
+
+def mask_vae_table(datasets: list[str], mask_vae_dirs: list) -> pd.DataFrame:
+    """The quality parquets the train_mask_vae jobs wrote (segsynth.mask_vae.mask_quality), one block per
+    dataset."""
+    frames = [pd.read_parquet(Path(d) / "quality.parquet").assign(dataset=name)
+              for name, d in zip(datasets, mask_vae_dirs)]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["dataset", *[c for c in table.columns if c != "dataset"]]]
+
+
+def mask_vae_markdown(table: pd.DataFrame) -> str:
+    lines = ["Samples of p_ω(m | c), one per training mask conditioned on its classes, against the training masks; "
+             "presence and area in % of masks / of the image.", "",
+             "| Dataset | Class | Presence train | Presence sampled | Area train | Area sampled | Area W₁ | "
+             "Condition recall | Spurious |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in table.itertuples(index=False):
+        lines.append(f"| {row.dataset} | {row.class_name} | {100 * row.presence_train:.1f} | "
+                     f"{100 * row.presence_sampled:.1f} | {100 * row.area_train:.2f} | {100 * row.area_sampled:.2f} | "
+                     f"{100 * row.area_wasserstein:.2f} | {100 * row.condition_recall:.1f} | "
+                     f"{100 * row.spurious_rate:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_mask_vae_tables(datasets: list[str], mask_vae_dirs: list, parquet_path, markdown_path) -> pd.DataFrame:
+    table = mask_vae_table(datasets, mask_vae_dirs)
+    write_parquet(parquet_path, table)
+    write_text(markdown_path, mask_vae_markdown(table))
+    return table

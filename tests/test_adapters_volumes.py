@@ -32,9 +32,10 @@ def _labelled_volume(rng, n_slices: int, values: list[int], empty_ends: int = 1)
     return image, labels
 
 
-def _save_nifti(path: Path, array: np.ndarray) -> None:
+def _save_nifti(path: Path, array: np.ndarray, zooms: tuple[float, float, float] = (1.5, 1.5, 10.0)) -> None:
+    """``array`` (X, Y, Z) in RAS with voxel size ``zooms`` (x, y, z) in mm."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 10.0, 1.0])), str(path))
+    nib.save(nib.Nifti1Image(array, np.diag([*zooms, 1.0])), str(path))
 
 
 def _assert_case_split(out: Path) -> None:
@@ -75,6 +76,40 @@ def test_acdc_official_reads_nifti_volumes_by_patient(acdc_official, tmp_path):
     assert data.index.sample_id.str.fullmatch(r"patient\d{3}_frame(01|12)_s\d{3}").all()
     assert (data.index.split == "test").sum() == 8  # one patient, both frames
     _assert_case_split(out)
+
+
+def test_acdc_index_carries_volumes_and_the_resized_spacing(acdc_official, tmp_path):
+    """Each frame is its own volume (two per patient); the 16² slices of 1.5 mm resized to 8² have 3 mm pixels."""
+    out = tmp_path / "acdc"
+    prepare_dataset("acdc", {"kind": "acdc", "root": str(acdc_official), "resolution": 8, "empty_slices": "keep"}, out)
+    index = load_split(out, "all").index
+    assert index.volume_id.str.fullmatch(r"patient\d{3}_frame(01|12)").all()
+    assert (index.sample_id == index.volume_id + "_s" + index.slice_index.map("{:03d}".format)).all()
+    assert index.groupby("case_id").volume_id.nunique().eq(2).all() and index.volume_id.nunique() == 8
+    assert index.groupby("volume_id").slice_index.apply(sorted).map(list).eq([list(range(6))] * 8).all()
+    assert (index.spacing_z == 10.0).all() and (index.spacing_y == 3.0).all() and (index.spacing_x == 3.0).all()
+    assert index.spacing_z.dtype == np.float64 and index.volume_id.dtype == index.case_id.dtype
+
+
+def test_nifti_spacing_is_scaled_by_pad_and_resize_per_axis(tmp_path):
+    """An anisotropic, non-square volume: X = 16 columns of 0.8 mm, Y = 12 rows of 2 mm, 3 mm slices. Slices
+    are (Y, X) = 12 × 16, padded to 16² and resized to 8²: every in-plane spacing is scaled by 16 / 8."""
+    rng = np.random.default_rng(6)
+    root = tmp_path / "RawData"
+    for number in range(1, 4):
+        image = rng.uniform(-200, 300, (16, 12, 5)).astype(np.float32)
+        labels = np.zeros((16, 12, 5), dtype=np.uint8)
+        labels[4:10, 3:9, 1:4] = 6  # liver
+        _save_nifti(root / "img" / f"img{number:04d}.nii.gz", image, zooms=(0.8, 2.0, 3.0))
+        _save_nifti(root / "label" / f"label{number:04d}.nii.gz", labels, zooms=(0.8, 2.0, 3.0))
+    out = tmp_path / "synapse"
+    prepare_dataset("synapse", {"kind": "synapse", "layout": "btcv", "root": str(root), "resolution": 8}, out)
+    index = load_split(out, "all").index
+    assert sorted(index.volume_id.unique()) == ["case0001", "case0002", "case0003"]
+    assert index.slice_index.tolist() == [1, 2, 3] * 3  # the empty first and last slices are dropped
+    assert (index.spacing_z == 3.0).all()
+    np.testing.assert_allclose(index.spacing_y, 2.0 * 16 / 8)
+    np.testing.assert_allclose(index.spacing_x, 0.8 * 16 / 8)
 
 
 def test_acdc_official_layout_split_and_keep_empty(acdc_official, tmp_path):
@@ -175,6 +210,9 @@ def test_synapse_transunet_layout(tmp_path):
     assert len(data.index) == 4 * 3 + 2 * 3  # empty volume slices dropped
     assert set(data.index[data.index.split == "test"].case_id) == {"case0001", "case0002"}
     assert set(np.unique(data.masks)) == {0, 1, 2, 3, 5, 6, 7, 8}
+    # volumes, but no spacing: TransUNet's files do not record one (scored per slice only)
+    assert set(data.index.volume_id) == {f"case{c:04d}" for c in (1, 2, 5, 6, 7, 9)}
+    assert data.index[["spacing_z", "spacing_y", "spacing_x"]].isna().all().all()
     _assert_case_split(out)
     prepare_dataset("synapse", {"kind": "synapse", "root": str(root), "resolution": R}, tmp_path / "random")
     _assert_case_split(tmp_path / "random")
@@ -231,6 +269,8 @@ def test_nnunet_raw_nifti(tmp_path):
     assert meta["class_names"] == ["background", "tumour", "oedema"]
     assert data.images.shape == (12, 1, R, R)
     assert set(np.unique(data.masks)) == {0, 1, 2}
+    assert (data.index.volume_id == data.index.case_id).all()
+    assert data.index[["spacing_z", "spacing_y", "spacing_x"]].to_numpy().tolist() == [[10.0, 1.5, 1.5]] * 12
     _assert_case_split(out)
 
     _nnunet_dataset_json(root, {"0": "MRI"}, ".nii.gz", 7)

@@ -211,6 +211,54 @@ def test_canonical_refuses_out_of_range_class(tmp_path):
     assert err.path == "file4.png"
 
 
+def _volume_arrays():
+    """_arrays with the optional volume columns: three volumes of two slices (c0: v0; c1: v1, c2: v2), spacings
+    (z, y, x) in mm; v2's spacing is unknown (NaN), as for HDF5/NPZ sources."""
+    images, masks, index, meta = _arrays()
+    index = index.assign(volume_id=[f"v{i // 2}" for i in range(6)], slice_index=[0, 1] * 3,
+                         spacing_z=[5.0] * 4 + [np.nan] * 2, spacing_y=[1.0] * 4 + [np.nan] * 2,
+                         spacing_x=[2.0, 2.0, 0.5, 0.5, np.nan, np.nan])
+    return images, masks, index, meta
+
+
+def test_canonical_keeps_the_volume_columns(tmp_path):
+    images, masks, index, meta = _volume_arrays()
+    write_canonical(tmp_path / "ds", images, masks, index, meta)
+    got = load_split(tmp_path / "ds", "all").index
+    assert list(got.columns[:9]) == ["sample_id", "case_id", "split", "source_file", "slice_index", "volume_id",
+                                     "spacing_z", "spacing_y", "spacing_x"]
+    assert got["volume_id"].tolist() == ["v0", "v0", "v1", "v1", "v2", "v2"]
+    assert got["spacing_x"].dtype == np.float64 and got["spacing_x"].tolist()[:4] == [2.0, 2.0, 0.5, 0.5]
+    assert got["spacing_z"].isna().tolist() == [False] * 4 + [True] * 2
+    # volume_id alone (a volume source without spacings) is accepted too; a 2D dataset writes neither
+    write_canonical(tmp_path / "ids", images, masks, index.drop(columns=["spacing_z", "spacing_y", "spacing_x"]), meta)
+    assert "volume_id" in load_split(tmp_path / "ids", "all").index and "spacing_z" not in load_split(
+        tmp_path / "ids", "all").index
+    write_canonical(tmp_path / "flat", *_arrays())
+    assert "volume_id" not in load_split(tmp_path / "flat", "all").index
+
+
+@pytest.mark.parametrize("edit, match, path", [
+    (lambda i: i.__setitem__("spacing_x", [2.0, 2.0, 0.5, 0.7, np.nan, np.nan]),
+     r"the rows of volume 'v1' disagree on the spacing", "file2.png"),
+    (lambda i: i.__setitem__("spacing_y", [1.0, 1.0, -1.0, -1.0, np.nan, np.nan]),
+     r"sample s2 has spacing \(z, y, x\) \(5.0, -1.0, 0.5\) mm", "file2.png"),
+    (lambda i: i.__setitem__("spacing_z", [5.0, 5.0, np.inf, np.inf, np.nan, np.nan]), "positive finite", "file2.png"),
+    (lambda i: i.__setitem__("spacing_z", [5.0] * 5 + [np.nan]), "positive finite numbers or all NaN", "file4.png"),
+    (lambda i: i.__setitem__("spacing_z", ["5"] * 6), "dtype", None),
+    (lambda i: i.drop(columns="spacing_x", inplace=True), r"volume_id alone or with all of", None),
+    (lambda i: i.__setitem__("volume_id", ["v0", "v0", "v1", "", "v2", "v2"]), "has volume_id ''", "file3.png"),
+    (lambda i: i.__setitem__("volume_id", ["v0", "v1", "v1", "v1", "v2", "v2"]), r"spans the cases \['c0', 'c1'\]",
+     "file1.png"),
+    (lambda i: i.__setitem__("slice_index", [0, 0, 0, 1, 0, 1]), "holds slice_index 0 twice", "file1.png"),
+])
+def test_canonical_refuses_bad_volume_columns(tmp_path, edit, match, path):
+    images, masks, index, meta = _volume_arrays()
+    edit(index)
+    err = _assert_refused(tmp_path, match, images, masks, index, meta)
+    assert err.path == (path if path is not None else str(tmp_path / "ds"))
+
+
 # --- folder adapter: fixtures -----------------------------------------------------------------------
 
 

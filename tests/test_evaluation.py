@@ -9,7 +9,8 @@ import pytest
 
 from segsynth import evaluation
 from segsynth.data import canonical
-from segsynth.evaluation import dice_scores, distance_scores, evaluate_segmenter, score_synthetic
+from segsynth.evaluation import (dice_scores, distance_scores, evaluate_segmenter, score_synthetic, stack_volume,
+                                  volume_scores)
 from segsynth.segmenters import load_segmenter, train_segmenter
 
 CLASS_NAMES = ["background", "a", "b"]
@@ -111,9 +112,9 @@ def test_evaluate_segmenter_writes_long_table(tmp_path, monkeypatch):
     out = tmp_path / "metrics.parquet"
     frame = evaluate_segmenter("model", tmp_path / "data", out)
 
-    assert list(frame.columns) == ["sample_id", "case_id", "class_index", "class_name", "metric", "value"]
+    assert list(frame.columns) == ["sample_id", "case_id", "class_index", "class_name", "metric", "value", "unit"]
     pd.testing.assert_frame_equal(pd.read_parquet(out), frame, check_dtype=False)
-    assert len(frame) == 4 * 2 * 4
+    assert len(frame) == 4 * 2 * 4 and (frame["unit"] == "slice·px").all()  # no volumes: per slice only
     row = frame.set_index(["sample_id", "class_name", "metric"])["value"]
     assert row[("t0", "b", "dice")] == 1.0 and row[("t0", "b", "hd95")] == 0.0
     assert np.isnan(row[("t1", "b", "dice")]) and np.isnan(row[("t3", "b", "asd")])
@@ -198,3 +199,95 @@ def test_iou_is_dice_over_two_minus_dice_under_the_same_policy():
     np.testing.assert_allclose(iou[both], dice[both] / (2 - dice[both]), atol=1e-6)
     assert np.array_equal(np.isnan(iou), np.isnan(dice))
     assert 0 < iou[0, 0] < 1 and iou[1, 0] == 0.0 and iou[2, 0] == 0.0
+
+
+# --- per volume, in mm -----------------------------------------------------------------------------------
+
+SPACING = {"spacing_z": 5.0, "spacing_y": 1.0, "spacing_x": 2.0}  # mm, anisotropic on every axis
+
+
+def box(z: slice, y: slice, x: slice, shape=(6, SIZE, SIZE)) -> np.ndarray:
+    volume = np.zeros(shape, dtype=np.uint8)
+    volume[z, y, x] = 1
+    return volume
+
+
+def test_volume_hd95_and_asd_in_mm_by_hand():
+    """Truth: a box 2 slices thick (z 1–2, y 2–5, x 2–5), so every voxel is a surface voxel; prediction: the
+    same box shifted by one voxel on each axis (z 2–3, y 3–6, x 3–6).
+
+    Each predicted voxel's nearest truth voxel is the per-axis clamp, at dz ∈ {0, 5}, dy ∈ {0, 1}, dx ∈ {0, 2} mm.
+    Per predicted slice the 16 voxels have (dy, dx) = (0, 0) ×9, (1, 0) ×3, (0, 2) ×3, (1, 2) ×1, so the 32
+    distances sorted are 0 ×9, 1 ×3, 2 ×3, √5, 5 ×9, √26 ×3, √29 ×3, √30; truth → prediction is the mirror
+    image, the same 32. HD95 (linear 95th percentile, position 0.95 · 31 = 29.45, between two √29): √29 mm;
+    ASD: their mean. Dice over the volume: overlap z 2, y 3–5, x 3–5 = 9 voxels of 32 + 32."""
+    truth = box(slice(1, 3), slice(2, 6), slice(2, 6))
+    predicted = box(slice(2, 4), slice(3, 7), slice(3, 7))
+    distances = [0] * 9 + [1] * 3 + [2] * 3 + [math.sqrt(5)] + [5] * 9 + [math.sqrt(26)] * 3 + \
+        [math.sqrt(29)] * 3 + [math.sqrt(30)]
+    index = pd.DataFrame({"volume_id": "v", "case_id": "c", "source_file": "v.nii.gz", "slice_index": range(6),
+                          **SPACING})
+    volumes, values = volume_scores(predicted, truth, index, 2)
+    assert volumes.to_dict("list") == {"sample_id": ["v"], "case_id": ["c"]}
+    assert values["hd95"][0, 0] == pytest.approx(math.sqrt(29), rel=1e-6)
+    assert values["asd"][0, 0] == pytest.approx(sum(distances) / 32, rel=1e-6)
+    assert values["dice"][0, 0] == pytest.approx(2 * 9 / 64) and values["iou"][0, 0] == pytest.approx(9 / 55)
+
+
+def test_stack_volume_puts_slices_at_their_index():
+    slices = np.stack([np.full((2, 2), 3), np.full((2, 2), 1)]).astype(np.uint8)
+    volume = stack_volume(slices, [7, 5])  # out of order, slice 6 missing
+    assert volume.shape == (3, 2, 2)
+    assert volume[:, 0, 0].tolist() == [1, 0, 3]
+
+
+def write_volume_dataset(directory) -> tuple[np.ndarray, np.ndarray]:
+    """Test rows of two volumes of case c0 (as ACDC's two frames), stored out of order, with absent slices:
+
+    * v0, slices 1–3: the boxes of test_volume_hd95_and_asd_in_mm_by_hand (class a);
+    * v1, slices 1 and 3 (slice 2 absent): a 4×4 square of class a at slice 1 in the truth, at slice 3 in the
+      prediction, so 2 × 5 = 10 mm apart; class b only in the prediction (slice 1).
+    Returns (truth masks, predicted masks) in row order."""
+    v0_truth = box(slice(1, 3), slice(2, 6), slice(2, 6))
+    v0_pred = box(slice(2, 4), slice(3, 7), slice(3, 7))
+    rows = [("v0", z, v0_truth[z], v0_pred[z]) for z in (3, 1, 2)]
+    rows += [("v1", 3, np.zeros((SIZE, SIZE), np.uint8), square(4, 4)),
+             ("v1", 1, square(4, 4), square(10, 10, label=2))]
+    truth, predicted = np.stack([r[2] for r in rows]), np.stack([r[3] for r in rows])
+    images = np.zeros((len(rows), 1, SIZE, SIZE), dtype=np.float32)
+    images[:, 0, 0, 0] = np.arange(len(rows)) / 100
+    index = pd.DataFrame({"sample_id": [f"{v}_s{z:03d}" for v, z, *_ in rows], "case_id": "c0", "split": "test",
+                          "source_file": [f"{v}.nii.gz" for v, *_ in rows], "slice_index": [z for _, z, *_ in rows],
+                          "volume_id": [v for v, *_ in rows], **SPACING})
+    directory.mkdir(parents=True)
+    np.save(directory / "images.npy", images)
+    np.save(directory / "masks.npy", truth)
+    index.to_parquet(directory / "index.parquet", index=False)
+    (directory / "meta.json").write_text(json.dumps({
+        "dataset": "toy", "kind": "toy", "class_names": CLASS_NAMES, "channels": 1, "resolution": [SIZE, SIZE],
+        "format_version": canonical.FORMAT_VERSION, "n_train": 0, "n_test": len(rows)}))
+    return truth, predicted
+
+
+def test_evaluate_segmenter_adds_per_volume_rows_in_mm(tmp_path, monkeypatch):
+    truth, predicted = write_volume_dataset(tmp_path / "data")
+    monkeypatch.setattr(evaluation, "load_segmenter", lambda model_dir: Oracle(predicted))
+    frame = evaluate_segmenter("model", tmp_path / "data", tmp_path / "metrics.parquet", threads=2)
+
+    slices, volumes = frame[frame["unit"] == "slice·px"], frame[frame["unit"] == "volume·mm"]
+    assert len(slices) == 5 * 2 * 4 and len(volumes) == 2 * 2 * 4 and len(frame) == len(slices) + len(volumes)
+    value = volumes.set_index(["sample_id", "class_name", "metric"])["value"]
+    assert set(volumes["case_id"]) == {"c0"}
+    assert value[("v0", "a", "hd95")] == pytest.approx(math.sqrt(29), rel=1e-6)
+    assert value[("v0", "a", "dice")] == pytest.approx(18 / 64)
+    assert np.isnan(value[("v0", "b", "dice")]) and np.isnan(value[("v0", "b", "hd95")])  # b in neither
+    # v1: slice 2 is absent, yet the squares stay two slices (10 mm) apart
+    assert value[("v1", "a", "hd95")] == pytest.approx(10.0) and value[("v1", "a", "asd")] == pytest.approx(10.0)
+    assert value[("v1", "a", "dice")] == 0.0
+    # b only predicted: the worst distance, the stacked volume's diagonal in mm (3 slices × 5, 16 × 1, 16 × 2)
+    assert value[("v1", "b", "hd95")] == pytest.approx(math.hypot(3 * 5.0, SIZE * 1.0, SIZE * 2.0))
+    assert value[("v1", "b", "dice")] == 0.0 and value[("v1", "b", "iou")] == 0.0
+    # the slice rows are the per-slice scores as before, in pixels
+    per_slice = slices.set_index(["sample_id", "class_name", "metric"])["value"]
+    expected = distance_scores(predicted[2:3], truth[2:3], 3)["hd95"][0, 0]  # row 2 is v0's slice 2
+    assert per_slice[("v0_s002", "a", "hd95")] == expected != pytest.approx(value[("v0", "a", "hd95")])

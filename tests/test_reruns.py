@@ -35,7 +35,9 @@ def test_science_drops_exactly_the_runtime_settings():
     assert science("synthesis", {"batch_size": 8, "steps": 25, "eta": 0.2}) == {"eta": 0.2, "steps": 25}
     # a training batch size decides the result: it stays
     assert science("segmenter", config["segmenters"]["unet"])["batch_size"] == 16
-    assert set(RUNTIME_KEYS) == {"generator", "miner", "segmenter", "synthesis"}
+    assert set(RUNTIME_KEYS) == {"generator", "miner", "mask_vae", "segmenter", "synthesis"}
+    assert science("mask_vae", config["mask_vae"]) == {k: v for k, v in config["mask_vae"].items()
+                                                      if k != "checkpoint_every"}
 
 
 def copy_workflow(destination: Path) -> Path:

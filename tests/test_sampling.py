@@ -219,3 +219,27 @@ def test_gt_aug_sets_are_conditioned_on_the_deformed_masks(trained, tmp_path):
     with pytest.raises(ValueError, match="mask_source"):
         synthesize(trained / "gen", trained / "data", "rd", {**params, "mask_source": "cloud"}, seed=1,
                    out_dir=tmp_path / "bad")
+
+
+def test_cvae_sets_are_conditioned_on_masks_drawn_from_the_mask_vae(trained, tmp_path):
+    from segsynth.data.canonical import load_split
+    from segsynth.mask_vae import train_mask_vae
+
+    train_mask_vae({"latent_size": 4, "channels": [4, 8], "steps": 3, "batch_size": 4}, trained / "data",
+                   tmp_path / "vae", seed=0)
+    params = {**SYNTHESIS, "sampler": "ddim", "mask_source": "cvae"}
+    synthesize(trained / "gen", trained / "data", "rd", params, seed=1, out_dir=tmp_path / "a",
+               mask_vae_dir=tmp_path / "vae")
+    synthesize(trained / "gen", trained / "data", "rd", params, seed=1, out_dir=tmp_path / "b",
+               mask_vae_dir=tmp_path / "vae")
+    train = load_split(trained / "data", "train")
+    ids = train.index["sample_id"].tolist()
+    records = pd.read_parquet(tmp_path / "a" / "records.parquet")
+    masks = np.load(tmp_path / "a" / "masks.npy")
+    originals = np.stack([train.masks[ids.index(s)] for s in records["source_sample_id"]])
+    assert masks.shape == originals.shape and not np.array_equal(masks, originals)
+    assert set(np.unique(masks)) <= {0, 1, 2}
+    assert np.array_equal(masks, np.load(tmp_path / "b" / "masks.npy"))      # the seed decides the masks
+    assert np.array_equal(np.load(tmp_path / "a" / "images.npy"), np.load(tmp_path / "b" / "images.npy"))
+    with pytest.raises(ValueError, match="mask VAE"):
+        synthesize(trained / "gen", trained / "data", "rd", params, seed=1, out_dir=tmp_path / "c")

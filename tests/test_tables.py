@@ -8,9 +8,10 @@ import pytest
 
 from segsynth.data import canonical
 from segsynth.figures import metric_plot, sample_grid
-from segsynth.tables import (adherence_markdown, adherence_table, main_markdown, main_table,
-                             synthetic_only_table, write_adherence_tables, write_main_tables,
-                             write_synthetic_only_tables)
+from segsynth.errors import InputDataError
+from segsynth.tables import (adherence_markdown, adherence_table, main_markdown, main_summary, main_table,
+                             segmenter_markdown, segmenter_table, synthetic_only_markdown, synthetic_only_table,
+                             write_adherence_tables, write_main_tables, write_synthetic_only_tables)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,7 +45,8 @@ def runs(tmp_path) -> pd.DataFrame:
 
 def test_main_table_means_over_cases_then_classes(runs):
     main = main_table(runs)
-    assert list(main.columns) == ["dataset", "segmenter", "method", "seed", "class", "metric", "value"]
+    assert list(main.columns) == ["dataset", "segmenter", "method", "seed", "class", "metric", "value", "unit"]
+    assert (main["unit"] == "slice·px").all()  # tables without a unit column are per slice
     value = main.set_index(["method", "seed", "class", "metric"])["value"]
     assert value[("baseline", 0, "a", "dice")] == pytest.approx(0.6)
     assert value[("baseline", 0, "b", "dice")] == pytest.approx(0.8)  # the NaN case is skipped
@@ -58,6 +60,7 @@ def test_main_markdown_layout(runs):
     text = main_markdown(main_table(runs))
     lines = text.splitlines()
     assert lines[0].startswith("Mean ± std over n = 2 seeds")
+    assert lines[0].endswith("; DSC and IoU in % (per 2D image), ASD and HD95 in pixels.")
     assert "| Method | mni · monai_unet DSC (%) | mni · monai_unet ASD | mni · monai_unet HD95 |" in lines
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Method")]
     # Baseline first without ±, then methods in given order; std is the sample std (ddof = 1)
@@ -65,6 +68,79 @@ def test_main_markdown_layout(runs):
     assert rows == ["| Baseline | 70.0 | 1.00 | 4.00 |",
                     "| vgd | 85.0 ± 7.1 | 1.00 ± 0.00 | 4.00 ± 0.00 |",
                     "| plain | 60.0 ± 14.1 | 1.00 ± 0.00 | 4.00 ± 0.00 |"]
+
+
+def volume_metrics_parquet(path, slice_dice: float, volume_dice: list, volume_hd95: list):
+    """An evaluate_segmenter table of a volume dataset: per-slice rows (two slices of each of two volumes, all
+    with ``slice_dice``, ASD 50 px and HD95 99 px) and per-volume rows (``volume_dice``, ``volume_hd95`` mm per
+    volume, ASD half of it), for classes a and b."""
+    rows = []
+    for class_index, class_name in ((1, "a"), (2, "b")):
+        for v in range(2):
+            for z in range(2):
+                rows += [{"sample_id": f"v{v}_s{z:03d}", "case_id": f"c{v}", "class_index": class_index,
+                          "class_name": class_name, "metric": metric, "value": value, "unit": "slice·px"}
+                         for metric, value in (("dice", slice_dice), ("asd", 50.0), ("hd95", 99.0))]
+            rows += [{"sample_id": f"v{v}", "case_id": f"c{v}", "class_index": class_index, "class_name": class_name,
+                      "metric": metric, "value": value, "unit": "volume·mm"}
+                     for metric, value in (("dice", volume_dice[v]), ("asd", volume_hd95[v] / 2),
+                                           ("hd95", volume_hd95[v]))]
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_main_table_averages_per_volume_where_volume_rows_exist(tmp_path, runs):
+    volume_runs = pd.DataFrame([
+        {"dataset": "acdc", "segmenter": "monai_unet", "method": method, "seed": seed,
+         "path": volume_metrics_parquet(tmp_path / f"acdc_{method}_{seed}.parquet", 0.1, dice, hd95)}
+        for method, seed, dice, hd95 in (("baseline", 0, [0.7, 0.9], [4.0, 6.0]), ("vgd", 0, [0.8, 1.0], [2.0, 4.0]),
+                                         ("vgd", 1, [0.9, 0.9], [3.0, 3.0]))])
+    main = main_table(volume_runs)
+    value = main.set_index(["method", "seed", "class", "metric"])["value"]
+    # the means over the two volumes, not over the four slices (0.1, 99 px)
+    assert value[("baseline", 0, "mean", "dice")] == pytest.approx(0.8)
+    assert value[("vgd", 0, "a", "hd95")] == pytest.approx(3.0) and value[("vgd", 1, "mean", "hd95")] == 3.0
+    assert (main["unit"] == "volume·mm").all()
+    caption = main_markdown(main).splitlines()[0]
+    assert caption.endswith("; DSC and IoU in % (per 3D volume), ASD and HD95 in mm.")
+    assert "| Baseline | 80.0 | 2.50 | 5.00 |" in main_markdown(main)
+
+    # beside a 2D dataset the caption says which convention each dataset's columns use
+    both = main_table(pd.concat([runs, volume_runs], ignore_index=True))
+    caption = main_markdown(both).splitlines()[0]
+    assert caption.endswith("; DSC and IoU in %; acdc: per 3D volume, ASD and HD95 in mm; "
+                            "mni: per 2D image, ASD and HD95 in pixels.")
+    # the 2D dataset's columns are unchanged by its neighbour
+    column = "mni · monai_unet DSC (%)"
+    assert main_summary(both)[column].tolist() == main_summary(main_table(runs))[column].tolist()
+
+    # the synthetic-only table takes the same per-volume means and says so
+    alone = pd.DataFrame([{"dataset": "acdc", "segmenter": "monai_unet", "generator": "g", "method": "rd", "seed": 0,
+                           "path": volume_metrics_parquet(tmp_path / "alone.parquet", 0.1, [0.4, 0.4], [9.0, 9.0])}])
+    table = synthetic_only_table(alone, volume_runs[volume_runs["method"] == "baseline"])
+    assert table.set_index("metric")["value"]["dice_ratio"] == pytest.approx(0.5)
+    assert (table["unit"] == "volume·mm").all() and "DSC (per 3D volume)" in synthetic_only_markdown(table)
+
+
+def test_main_table_refuses_a_dataset_scored_in_two_units(tmp_path, runs):
+    mixed = runs.copy()
+    mixed.loc[1, "path"] = volume_metrics_parquet(tmp_path / "volumes.parquet", 0.1, [0.5, 0.5], [1.0, 1.0])
+    with pytest.raises(InputDataError, match="scored in different units"):
+        main_table(mixed)
+
+
+def test_segmenter_table_per_volume(tmp_path):
+    (tmp_path / "profile.json").write_text(json.dumps({"kind": "monai_unet", "params": 10, "macs": 2_000_000}))
+    (tmp_path / "bench.tsv").write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t300\n")
+    rows = pd.DataFrame([{"dataset": "acdc", "segmenter": "unet",
+                          "eval": volume_metrics_parquet(tmp_path / "eval.parquet", 0.1, [0.6, 0.8], [2.0, 4.0]),
+                          "profile": tmp_path / "profile.json", "benchmark": tmp_path / "bench.tsv"}])
+    table = segmenter_table(rows)
+    assert table["dice_mean"].iloc[0] == pytest.approx(0.7) and table["hd95_mean"].iloc[0] == pytest.approx(3.0)
+    assert table["dice_std"].iloc[0] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert table["unit"].iloc[0] == "volume·mm"
+    assert "mean ± std over test volumes or images" in segmenter_markdown(table)
+    assert "(DSC and IoU in % (per 3D volume), ASD and HD95 in mm)" in segmenter_markdown(table)
 
 
 def adherence_rows(tmp_path) -> pd.DataFrame:
@@ -118,7 +194,7 @@ def test_synthetic_only_table_divides_by_the_baseline_of_the_same_segmenter(tmp_
          "path": metrics_parquet(tmp_path / f"alone_{seed}.parquet", [dice] * 2, [dice] * 2)}
         for seed, dice in ((0, 0.63), (1, 0.56))])
     table = synthetic_only_table(alone, baselines)
-    assert list(table.columns) == ["dataset", "generator", "method", "seed", "segmenter", "metric", "value"]
+    assert list(table.columns) == ["dataset", "generator", "method", "seed", "segmenter", "metric", "value", "unit"]
     value = table.set_index(["seed", "metric"])["value"]
     assert value[(0, "dice")] == pytest.approx(0.63) and value[(1, "baseline_dice")] == pytest.approx(0.7)
     assert value[(0, "dice_ratio")] == pytest.approx(0.9) and value[(1, "dice_ratio")] == pytest.approx(0.8)

@@ -87,10 +87,11 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path, e2e_re
 
     results = tmp_path / "results"
     main = pd.read_parquet(results / "tables" / "main.parquet")
-    assert list(main.columns) == ["dataset", "segmenter", "method", "seed", "class", "metric", "value"]
+    assert list(main.columns) == ["dataset", "segmenter", "method", "seed", "class", "metric", "value", "unit"]
+    assert set(main["unit"]) == {"slice·px"}  # MNI152 slices carry no volume: per image, in pixels
     assert set(main["method"]) == {"baseline", "rd", "rd_eta0", "miner"}
     assert set(main.loc[main["method"] == "rd", "seed"]) == {0, 1}
-    assert set(main["metric"]) == {"dice", "asd", "hd95"}
+    assert set(main["metric"]) == {"dice", "iou", "asd", "hd95"}
     assert set(main["class"]) == {"csf", "gm", "wm", "mean"}
     dice = main[(main["metric"] == "dice") & (main["class"] == "mean")]["value"]
     assert np.isfinite(dice).all() and ((dice >= 0) & (dice <= 1)).all()
@@ -104,7 +105,7 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path, e2e_re
     assert "| rd |" in (results / "tables" / "fidelity.md").read_text()
     assert "mni152 FID" in markdown and "mni152 adherence DSC (%)" in markdown  # beside Dice in the main table
     alone = pd.read_parquet(results / "tables" / "synthetic_only.parquet")
-    assert list(alone.columns) == ["dataset", "generator", "method", "seed", "segmenter", "metric", "value"]
+    assert list(alone.columns) == ["dataset", "generator", "method", "seed", "segmenter", "metric", "value", "unit"]
     assert sorted(alone["metric"]) == ["baseline_dice", "dice", "dice_ratio"] and set(alone["seed"]) == {0}
     stats = json.loads((results / "mni152" / "synthetic_only" / "segmenters" / "unet" / "tiny" / "rd" / "seed0"
                         / "train_stats.json").read_text())
@@ -161,6 +162,32 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path, e2e_re
     outputs = re.findall(r"^\s+output: (.*)$", dry.stdout, flags=re.M)
     assert any("rd_eta0" in out for out in outputs)
     assert not any("/rd/seed" in out for out in outputs)  # rd's jobs are untouched
+
+
+@pytest.mark.slow
+def test_mask_sources_and_the_continue_protocol_run_end_to_end(tmp_path):
+    """tests/config/protocols.yaml over e2e.yaml: gt, gt_aug and cvae masks, downstream protocol continue."""
+    shutil.copy(E2E_CONFIG, tmp_path / "config.yaml")
+    shutil.copy(REPO / "tests" / "config" / "protocols.yaml", tmp_path / "protocols.yaml")
+    run = snakemake("--configfile", "config.yaml", "protocols.yaml", "--cores", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = tmp_path / "results"
+    main = pd.read_parquet(results / "tables" / "main.parquet")
+    assert set(main["method"]) == {"baseline", "rd", "rd_aug", "rd_cvae"}
+    synthetic = results / "mni152" / "synthetic" / "tiny"
+    gt = np.load(synthetic / "rd" / "seed0" / "masks.npy")
+    for method in ("rd_aug", "rd_cvae"):  # same sources and seeds as rd, other masks, the same label set
+        masks = np.load(synthetic / method / "seed0" / "masks.npy")
+        assert masks.shape == gt.shape and not np.array_equal(masks, gt)
+        assert set(np.unique(masks)) <= set(np.unique(gt))
+    quality = pd.read_parquet(results / "tables" / "mask_vae.parquet")
+    assert set(quality["class_name"]) == {"csf", "gm", "wm"} and quality["area_wasserstein"].notna().all()
+    assert (tmp_path / "benchmarks" / "mni152" / "mask_vae.tsv").exists()
+    for method in ("rd", "rd_aug", "rd_cvae"):
+        stats = json.loads((results / "mni152" / "segmenters" / "unet" / "tiny" / method / "seed0"
+                            / "train_stats.json").read_text())
+        assert stats["protocol"] == "continue" and stats["steps"] == 4 and stats["batch_real"] == stats["batch_synthetic"]
+        assert stats["n_val"] > 0 and stats["best_step"] in (2, 4)
 
 
 @pytest.mark.parametrize("preset", sorted(set((REPO / "presets").glob("*.yaml")) - {REPO / "presets" / "paper.yaml"}),

@@ -29,6 +29,7 @@ from segsynth.data.volumes import (
     SliceOptions,
     Volume,
     array_file_volume,
+    axial_spacing,
     build_slices,
     case_id_from,
     map_labels,
@@ -71,7 +72,7 @@ def _official(root: Path, options: SliceOptions) -> list[Volume]:
         if not image_path.is_file():
             raise InputDataError(label_path, f"no image {image_path.name} beside this ground truth")
         image, _ = read_nifti(image_path, "image")
-        labels, _ = read_nifti(label_path, "ground truth")
+        labels, zooms = read_nifti(label_path, "ground truth")
         if image.shape != labels.shape:
             raise InputDataError(label_path, f"ground truth shape {labels.shape} differs from image {image_path} {image.shape}")
         patient = case_id_from(label_path, PATIENT)
@@ -87,6 +88,7 @@ def _official(root: Path, options: SliceOptions) -> list[Volume]:
                 source_file=str(image_path),
                 slice_indices=list(range(image.shape[2])),
                 split=next((SPLIT_FOLDERS[p] for p in label_path.parts if p in SPLIT_FOLDERS), None),
+                spacing=axial_spacing(zooms),
             )
         )
     if not volumes:

@@ -5,6 +5,14 @@ N x H x W, class indices), ``index.parquet`` (one row per array row) and ``meta.
 each source (a template, a folder of files, ...) into arrays plus an index; :func:`write_canonical`
 is the single gate that checks them, so no stage downstream has to re-validate its input, and it
 writes the directory atomically, so a failed check or a killed job never leaves a partial dataset.
+
+Slices of 3D volumes also carry, in :data:`VOLUME_COLUMNS`, the volume they were cut from (``volume_id``, unique
+per volume; a case may hold several, e.g. ACDC's ED and ES frames) and the voxel spacing in mm of the *written*
+2D grid (``spacing_y`` and ``spacing_x``: the source's in-plane spacing scaled by the resize; ``spacing_z``: the
+slice thickness), so the evaluation can restack a volume by ``slice_index`` and score it in mm. The columns are
+optional: 2D datasets do not write them, and a spacing may be NaN where the source does not record one (the
+HDF5/NPZ files of the 2D pipelines). They are additions within format version 1: a directory written before
+them still loads (it is scored per slice), and they are only read where present.
 """
 
 from __future__ import annotations
@@ -22,6 +30,13 @@ from segsynth.io import atomic_dir, read_json, save_array, write_json, write_par
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 INDEX_COLUMNS = ("sample_id", "case_id", "split", "source_file", "slice_index")
+#: Optional index columns of sliced volumes: the volume's id and the (z, y, x) spacing in mm of the written grid.
+SPACING_COLUMNS = ("spacing_z", "spacing_y", "spacing_x")
+VOLUME_COLUMNS = ("volume_id", *SPACING_COLUMNS)
+#: How a segmentation score was computed (the ``unit`` column of ``evaluate_segmenter``'s table): per 2D slice
+#: with distances in pixels, or per restacked 3D volume with distances in mm.
+SLICE_PX = "slice·px"
+VOLUME_MM = "volume·mm"
 
 IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
@@ -64,7 +79,8 @@ def config_option(dataset: str, cfg: dict, key: str, default: Any, kind: type | 
 def write_canonical(out_dir, images: np.ndarray, masks: np.ndarray, index: pd.DataFrame, meta: dict) -> None:
     """Validate a dataset and write it to ``out_dir`` in the canonical format, atomically.
 
-    ``index`` needs the columns in :data:`INDEX_COLUMNS`; the ``pixels_<class>`` columns and the
+    ``index`` needs the columns in :data:`INDEX_COLUMNS` and may have those in :data:`VOLUME_COLUMNS`
+    (``volume_id`` with or without the spacings; see :func:`_check_volumes`); the ``pixels_<class>`` columns and the
     meta keys ``format_version``, ``channels``, ``resolution``, ``n_train`` and ``n_test`` are
     computed here from the arrays, so they cannot disagree with them. ``meta`` must name
     ``dataset``, ``kind`` and ``class_names``. Every failed check raises :class:`InputDataError`
@@ -74,11 +90,13 @@ def write_canonical(out_dir, images: np.ndarray, masks: np.ndarray, index: pd.Da
     index = index.reset_index(drop=True)
     class_names = _check_meta(out_dir, meta)
     _check_index(out_dir, index)
+    volume_columns = _check_volumes(out_dir, index)
     images = _check_images(out_dir, images, index)
     masks = _check_masks(out_dir, masks, images, index, class_names)
 
-    index = index.loc[:, list(INDEX_COLUMNS)].astype(
-        {"sample_id": str, "case_id": str, "split": str, "source_file": str, "slice_index": "int64"}
+    index = index.loc[:, [*INDEX_COLUMNS, *volume_columns]].astype(
+        {"sample_id": str, "case_id": str, "split": str, "source_file": str, "slice_index": "int64",
+         **({"volume_id": str} if volume_columns else {}), **{c: "float64" for c in volume_columns[1:]}}
     )
     for k, class_name in enumerate(class_names):
         index[pixel_column(class_name)] = (masks == k).sum(axis=(1, 2), dtype=np.int64)
@@ -172,6 +190,62 @@ def _check_index(out_dir: Path, index: pd.DataFrame) -> None:
     leaking = splits_per_case[splits_per_case > 1].index.tolist()
     if leaking:
         raise InputDataError(out_dir, f"case ids in both train and test: {leaking[:10]}")
+
+
+def _check_volumes(out_dir: Path, index: pd.DataFrame) -> list[str]:
+    """The optional volume columns ``index`` has (none, ``volume_id``, or ``volume_id`` and the three spacings),
+    checked; an error names the source file of the first offending row.
+
+    ``volume_id``: a non-empty string on every row; a volume lies in one case and holds each ``slice_index``
+    once (the evaluation restacks it by slice index). Spacings: numbers, per row either all three NaN (unknown)
+    or all positive and finite, and one (z, y, x) triple shared by all rows of a volume.
+    """
+    present = [c for c in VOLUME_COLUMNS if c in index.columns]
+    if not present:
+        return []
+    if present not in (["volume_id"], list(VOLUME_COLUMNS)):
+        raise InputDataError(out_dir, f"index has the volume columns {present}; give volume_id alone or "
+                             f"with all of {list(SPACING_COLUMNS)}")
+    volume = index["volume_id"]
+    bad = volume.isna() | ~volume.map(lambda v: isinstance(v, str) and v != "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputDataError(index["source_file"][row], f"sample {index['sample_id'][row]} has volume_id "
+                             f"{volume[row]!r}; expected a non-empty string")
+    cases = index.groupby("volume_id", sort=False)["case_id"].nunique()
+    if (cases > 1).any():
+        name = cases.index[cases > 1][0]
+        row = int(np.flatnonzero((volume == name).to_numpy())[0])
+        raise InputDataError(index["source_file"][row], f"volume {name!r} spans the cases "
+                             f"{sorted(index.loc[volume == name, 'case_id'].unique().tolist())}")
+    repeated = index.duplicated(["volume_id", "slice_index"])
+    if repeated.any():
+        row = int(np.flatnonzero(repeated.to_numpy())[0])
+        raise InputDataError(index["source_file"][row], f"volume {volume[row]!r} holds slice_index "
+                             f"{index['slice_index'][row]} twice (sample {index['sample_id'][row]})")
+    if len(present) == 1:
+        return present
+    for column in SPACING_COLUMNS:
+        values = index[column]
+        if not (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)):
+            raise InputDataError(out_dir, f"index column {column} has dtype {values.dtype}; expected spacings in mm")
+    spacing = index[list(SPACING_COLUMNS)].to_numpy(dtype=np.float64)
+    unknown = np.isnan(spacing).all(axis=1)
+    valid = unknown | (np.isfinite(spacing) & (spacing > 0)).all(axis=1)
+    if not valid.all():
+        row = int(np.flatnonzero(~valid)[0])
+        raise InputDataError(index["source_file"][row], f"sample {index['sample_id'][row]} has spacing (z, y, x) "
+                             f"{tuple(spacing[row].tolist())} mm; expected three positive finite numbers or all NaN")
+    key = np.where(unknown[:, None], -1.0, spacing)  # NaN never equals NaN: compare unknown as -1
+    per_volume = pd.DataFrame(key, columns=list(SPACING_COLUMNS)).assign(volume_id=volume).drop_duplicates()
+    mixed = per_volume["volume_id"].duplicated()
+    if mixed.any():
+        name = per_volume["volume_id"][mixed].iloc[0]
+        row = int(np.flatnonzero((volume == name).to_numpy())[0])
+        spacings = sorted({tuple(s) for s in spacing[(volume == name).to_numpy()].tolist()})
+        raise InputDataError(index["source_file"][row], f"the rows of volume {name!r} disagree on the spacing "
+                             f"(z, y, x): {spacings[:3]}")
+    return present
 
 
 def _check_images(out_dir: Path, images: np.ndarray, index: pd.DataFrame) -> np.ndarray:

@@ -25,6 +25,7 @@ from segsynth.data.canonical import config_option
 from segsynth.data.volumes import (
     SliceOptions,
     Volume,
+    axial_spacing,
     build_slices,
     map_labels,
     nifti_axial_slices,
@@ -65,8 +66,8 @@ def build_nnunet_raw(name: str, cfg: dict) -> tuple[np.ndarray, np.ndarray, pd.D
         for path in image_paths:
             if not path.is_file():
                 raise InputDataError(label_path, f"case {case}: image channel file {path} is missing")
-        stack = [_read(path, is_volume, "image") for path in image_paths]
-        labels = _read(label_path, is_volume, "label")
+        stack = [_read(path, is_volume, "image")[0] for path in image_paths]
+        labels, spacing = _read(label_path, is_volume, "label")
         for path, image in zip(image_paths, stack):
             if image.shape != labels.shape:
                 raise InputDataError(label_path, f"label shape {labels.shape} differs from image {path} {image.shape}")
@@ -79,6 +80,7 @@ def build_nnunet_raw(name: str, cfg: dict) -> tuple[np.ndarray, np.ndarray, pd.D
                 labels=map_labels(label_path, labels, label_map, len(class_names)),
                 source_file=str(image_paths[0]),
                 slice_indices=list(range(len(labels))),
+                spacing=spacing,
             )
         )
     n_listed = spec.get("numTraining")
@@ -112,11 +114,12 @@ def _read_spec(path: Path, spec: dict) -> tuple[str, list[str], list[str]]:
     return ending, channels, [by_value[v] for v in values]
 
 
-def _read(path: Path, is_volume: bool, what: str) -> np.ndarray:
-    """(S, H, W) slices of one file: axial slices of a NIfTI volume, or one 2D image."""
+def _read(path: Path, is_volume: bool, what: str) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """(S, H, W) slices of one file and their (z, y, x) spacing: axial slices of a NIfTI volume, or one 2D
+    image (no spacing: nnU-Net's 2D files carry none)."""
     if is_volume:
-        data, _ = read_nifti(path, what)
-        return nifti_axial_slices(data)
+        data, zooms = read_nifti(path, what)
+        return nifti_axial_slices(data), axial_spacing(zooms)
     try:
         with Image.open(path) as image:
             image.load()
@@ -125,4 +128,4 @@ def _read(path: Path, is_volume: bool, what: str) -> np.ndarray:
         raise InputDataError(path, f"cannot read {what}: {err}") from err
     if data.ndim != 2:
         raise InputDataError(path, f"{what} has shape {data.shape}; nnU-Net 2D files hold one channel each")
-    return data[None]
+    return data[None], None

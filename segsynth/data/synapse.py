@@ -29,6 +29,7 @@ from segsynth.data.volumes import (
     SliceOptions,
     Volume,
     array_file_volume,
+    axial_spacing,
     build_slices,
     map_labels,
     nifti_axial_slices,
@@ -100,7 +101,7 @@ def _btcv(root: Path, options: SliceOptions, label_map: dict[int, int], n_classe
         if not label_path.is_file():
             raise InputDataError(image_path, f"no label file {label_path}")
         image, _ = read_nifti(image_path, "image")
-        labels, _ = read_nifti(label_path, "label")
+        labels, zooms = read_nifti(label_path, "label")
         if image.shape != labels.shape:
             raise InputDataError(label_path, f"label shape {labels.shape} differs from image {image_path} {image.shape}")
         case = f"case{number}"
@@ -112,6 +113,7 @@ def _btcv(root: Path, options: SliceOptions, label_map: dict[int, int], n_classe
                 labels=nifti_axial_slices(map_labels(label_path, labels, label_map, n_classes)),
                 source_file=str(image_path),
                 slice_indices=list(range(image.shape[2])),
+                spacing=axial_spacing(zooms),
             )
         )
     if not volumes:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsynth.data.canonical import config_option
+from segsynth.data.canonical import SPACING_COLUMNS, config_option
 from segsynth.data.splits import case_split
 from segsynth.errors import ConfigError, InputDataError
 
@@ -35,7 +35,8 @@ class Volume:
     ``images`` (S, C, H, W) are normalised to [0, 1], ``labels`` (S, H, W) are class indices.
     ``case_id`` is the unit of splitting (a patient); ``volume_id`` names this volume within it
     (e.g. ``patient001_frame01``: ACDC has two annotated frames per patient), and sample ids are
-    ``<volume_id>_s<slice>``.
+    ``<volume_id>_s<slice>``. ``spacing`` is the (z, y, x) voxel spacing in mm of these slices (z between
+    slices, y down the rows, x along the columns), or None where the source does not record it.
     """
 
     case_id: str
@@ -45,6 +46,7 @@ class Volume:
     source_file: str
     slice_indices: list[int]
     split: str | None = None  # set by layouts that carry their own train/test folders
+    spacing: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,14 @@ def nifti_axial_slices(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(np.moveaxis(data, 2, 0), axes=(1, 2)))
 
 
+def axial_spacing(zooms: tuple[float, ...]) -> tuple[float, float, float] | None:
+    """The (z, y, x) spacing of :func:`nifti_axial_slices`' (Z, H, W) stack from the RAS volume's (X, Y, Z)
+    zooms (its rows run along Y, its columns along X), or None for a 2D file (no slice thickness)."""
+    if len(zooms) < 3:
+        return None
+    return float(zooms[2]), float(zooms[1]), float(zooms[0])
+
+
 def read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``image`` and ``label`` of an HDF5 (``.h5``) or NumPy (``.npz``) slice or volume file."""
     try:
@@ -238,10 +248,24 @@ def square_resize(stack: np.ndarray, resolution: int, mode: str) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+def resized_spacing(spacing: tuple[float, float, float] | None, shape: tuple[int, int],
+                    resolution: int) -> tuple[float, float, float]:
+    """The (z, y, x) spacing in mm of :func:`square_resize`'s output for (H, W) = ``shape`` slices of
+    ``spacing``: padding to the square side max(H, W) keeps the pixels, resizing that side to ``resolution``
+    scales each in-plane spacing by side / resolution; z is unchanged. NaN throughout when unknown."""
+    if spacing is None:
+        return (np.nan, np.nan, np.nan)
+    scale = max(shape) / resolution
+    return float(spacing[0]), float(spacing[1]) * scale, float(spacing[2]) * scale
+
+
 def build_slices(
     name: str, kind: str, volumes: list[Volume], options: SliceOptions, class_names: list[str], meta: dict
 ) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
     """Split ``volumes`` by case, apply the empty-slice policy, resize; return (images, masks, index rows, meta).
+
+    Every row carries its ``volume_id`` and the (z, y, x) spacing of the resized grid (:func:`resized_spacing`;
+    NaN where the volume has none), the optional volume columns of the canonical format.
 
     With ``split: layout`` every volume must carry the split of the folder it came from; otherwise
     a seeded case-level split with ``test_fraction`` (the papers' 7:3) is drawn. ``limit`` keeps the
@@ -290,6 +314,7 @@ def build_slices(
         images.append(np.clip(resized, 0.0, 1.0).reshape(s, c, options.resolution, options.resolution))
         labels = volume.labels[keep].astype(np.float32)
         masks.append(square_resize(labels, options.resolution, "nearest").astype(np.uint8))
+        spacing = dict(zip(SPACING_COLUMNS, resized_spacing(volume.spacing, (h, w), options.resolution)))
         rows += [
             {
                 "sample_id": f"{volume.volume_id}_s{z:03d}",
@@ -297,6 +322,8 @@ def build_slices(
                 "split": splits[volume.case_id],
                 "source_file": volume.source_file,
                 "slice_index": z,
+                "volume_id": volume.volume_id,
+                **spacing,
             }
             for z, k in zip(volume.slice_indices, keep)
             if k

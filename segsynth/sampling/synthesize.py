@@ -26,6 +26,7 @@ from ..config import science
 from ..precision import autocast, compute_dtype, configure
 from ..io import atomic_dir, read_json, save_array, write_json, write_parquet
 from ..mask_sources import MASK_SOURCES, augment_pairs, augment_seed
+from ..mask_vae import class_presence, cvae_seed
 from ..training import default_device, set_torch_threads
 from .base import build_sampler, noise_seed
 from .value import value_terms
@@ -44,7 +45,8 @@ def conditioning_sources(n_train: int, budget: float, seed: int) -> np.ndarray:
 
 def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, out_dir, value_model_dir=None,
                threads: int = 1, miner_dir=None, checkpoint_dir=None, stop_after: int | None = None,
-               precision: str = "fp32", cpu_autocast: bool = False, candidates_dir=None) -> pd.DataFrame:
+               precision: str = "fp32", cpu_autocast: bool = False, candidates_dir=None,
+               mask_vae_dir=None) -> pd.DataFrame:
     """Run the sampler of ``method`` and write the synthetic set to ``out_dir``; returns its records.
 
     Every batch is written as a shard to ``checkpoint_dir`` (default ``<out_dir>.ckpt``) as soon as it is
@@ -54,7 +56,8 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
     shards and no output (tests simulate a kill with it). ``precision`` (segsynth.precision; float32 on a CPU
     unless ``cpu_autocast``): the frozen generator in the reduced dtype, sampling and guidance under autocast.
     ``candidates_dir``: a synthetic set whose images are GAUDA's first candidates by construction (the run's RD
-    set with the same settings and seed, ``segsynth.config.candidate_source``); they are read, not sampled."""
+    set with the same settings and seed, ``segsynth.config.candidate_source``); they are read, not sampled.
+    ``mask_vae_dir``: the trained p_ω(m | c) of a method with ``mask_source: cvae`` (segsynth.mask_vae)."""
     set_torch_threads(threads)
     device = default_device()
     configure(precision, device)
@@ -88,19 +91,29 @@ def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, ou
     mask_source = params.get("mask_source", "gt")
     if mask_source not in MASK_SOURCES:
         raise ValueError(f"method {method!r}: unknown mask_source {mask_source!r} (known: {list(MASK_SOURCES)})")
+    mask_vae = None
+    if mask_source == "cvae":
+        if mask_vae_dir is None:
+            raise ValueError(f"method {method!r} draws its masks from the mask VAE (mask_vae_dir)")
+        from ..mask_vae import ConditionalMaskVAE
+        mask_vae = ConditionalMaskVAE.load(mask_vae_dir)
 
     def conditioning(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(masks, real images in [0, 1]) conditioning the samples ``idx``: the training pairs, deformed per
-        sample for ``gt_aug`` (segsynth.mask_sources)."""
+        sample for ``gt_aug``, drawn from the mask VAE for ``cvae`` (segsynth.mask_sources)."""
         masks, images = train.masks[sources[idx]], train.images[sources[idx]]
-        if mask_source == "gt_aug":
+        if mask_source == "cvae":
+            masks = mask_vae.sample(class_presence(masks, mask_vae.config["num_classes"]),
+                                    [cvae_seed(seed, int(i)) for i in idx])
+        elif mask_source == "gt_aug":
             images, masks = augment_pairs(images, masks, [augment_seed(seed, int(i)) for i in idx],
                                           params.get("mask_augment"))
         return np.ascontiguousarray(masks), np.ascontiguousarray(images)
 
     job = {"method": method, "params": science("synthesis", params), "seed": seed, "n": len(sources),
            "precision": str(dtype),
-           "inputs": inputs_fingerprint([generator_dir, data_dir, value_model_dir, miner_dir, candidates_dir])}
+           "inputs": inputs_fingerprint([generator_dir, data_dir, value_model_dir, miner_dir, candidates_dir]
+                                         + ([mask_vae_dir] if mask_vae_dir is not None else []))}
     shards = ShardStore(checkpoint_dir or f"{out_dir}.ckpt", job)
     batch = params["batch_size"]
     done = shards.done()
