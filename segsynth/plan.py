@@ -366,18 +366,22 @@ def sampler_steps(p: dict, latent: bool, reused_candidate: bool = False) -> floa
         g = o["guidance_window"][1] - o["guidance_window"][0]
         w = o["window"][1] - o["window"][0]
         return steps * (1 + o["time_travel"] * w) * (g * guided + (1 - g)) + decode
-    if kind in ("ugdm", "adv_guidance", "advdiffuser"):
+    if kind in ("ugdm", "adv_guidance"):
         return steps * GUIDED_FULL + decode
+    if kind == "advdiffuser":  # from the real image noised to start_strength (encoded first), guided every step
+        return max(1, round(steps * p.get("start_strength", 1.0))) * GUIDED_FULL + 2 * decode
     if kind == "tfg":
         o = {**TFG_DEFAULTS, **p}
         per_step = (GUIDED_FULL if o["rho"] > 0 else 1.0) + (o["mean_iters"] * X0_GRADIENT_STEPS if o["mu"] > 0 else 0)
         return steps * o["recurrence"] * per_step + decode
-    if kind == "diffaug":
-        return int(steps * p.get("strength", 0.5)) + 2 * decode  # encode the real image, then decode
+    if kind == "diffaug":  # encode the real image, denoise, decode
+        if p.get("mode", "tweedie") == "tweedie":
+            return 1 + 2 * decode  # one Tweedie step from the sample's random t
+        return int(steps * p.get("strength", 0.5)) + 2 * decode
     if kind == "augpaint":
         return steps * p.get("jumps", 1) + 2 * decode
-    if kind == "gauda":
-        return (p.get("oversample", 4) - reused_candidate) * (steps + decode)
+    if kind == "gauda":  # class-adaptive masks, then oversample RD candidates (1: none extra; baselines' defaults)
+        return (p.get("oversample", 1) - reused_candidate) * (steps + decode)
     raise ValueError(f"no cost model for sampler {kind!r}")
 
 

@@ -115,7 +115,7 @@ def test_the_dag_synthesises_each_swept_method_once_per_seed(default_dag, paper_
             {(d, s) for d in ("acdc", "synapse", "polyps") for s in range(3)}  # one per (dataset, seed)
         assert all(m == f"{base}_x6" for _, m, _ in synthesised if m in family)
         assert len({x for x in prefixes if x[1] in family}) == 3 * 3 * 3
-    assert len(synthesised) == 3 * 3 * 11 and len(prefixes) == 54  # was 144 syntheses
+    assert len(synthesised) == 3 * 3 * 10 and len(prefixes) == 54  # was 144 syntheses
 
 
 # -- the plan ------------------------------------------------------------------------------------------------------
@@ -141,10 +141,10 @@ def test_plan_of_the_paper_preset(paper_dag):
     plan = make_plan(files, workdir, text)
     rows = plan.rows
     nnunet = [r for s, r in rows.items() if s.startswith("segmenter nnunet")]
-    assert sum(r.jobs for r in nnunet) == 183  # 180 real+synthetic continuations and 3 real-only runs
-    # the baseline: 180 fresh runs of 1000 epochs; the preset continues them from the real-only model, 100 epochs
-    assert rows["segmenter nnunet: real + synthetic"].base_jobs == 180
-    assert rows["segmenter nnunet: real + synthetic (continue)"].units == 180 * 100
+    assert sum(r.jobs for r in nnunet) == 174  # 171 real+synthetic continuations and 3 real-only runs
+    # the baseline: 171 fresh runs of 1000 epochs; the preset continues them from the real-only model, 100 epochs
+    assert rows["segmenter nnunet: real + synthetic"].base_jobs == 171
+    assert rows["segmenter nnunet: real + synthetic (continue)"].units == 171 * 100
     # the estimate of this preset: ~1,150 H100-hours, ~870 of them nnU-Net
     assert 1050 <= plan.hours("baseline") <= 1300
     assert 800 <= sum(r.seconds.get("baseline", 0.0) for r in nnunet) / 3600 <= 950
@@ -154,9 +154,7 @@ def test_plan_of_the_paper_preset(paper_dag):
         assert labels[label][0] and labels[label][1] > 0, label
     assert plan.totals["planned"] < plan.totals["+precision"] < plan.totals["+batch"] < plan.totals["+nested"] \
         < plan.totals["baseline"]
-    # rd's 9 sets (its 1× sets cut from the budget sweep's larger ones) and rd_cvae's 9 (VGD's cVAE masks)
-    assert rows["synthesis: ddim"].jobs == 18 and rows["synthesis: ddim"].base_jobs == 45
-    assert rows["mask VAE training"].jobs == 3 and rows["mask VAE training"].gpu
+    assert rows["synthesis: ddim"].jobs == 9 and rows["synthesis: ddim"].base_jobs == 36
     assert rows["budget prefixes (copies)"].seconds.get("baseline", 0.0) == 0
     text = format_plan(plan)
     assert "H100-hour target" in text
@@ -179,7 +177,7 @@ def test_a_configured_continue_protocol_is_counted(paper_dag, tmp_path):
     plan = make_plan([*files, extra], workdir, text)
     applied, saving = {label: (a, s) for label, a, s, _ in plan.reductions}["(d) continue protocol"]
     assert applied and saving > 0
-    assert plan.rows["segmenter nnunet: real + synthetic (continue)"].units == 180 * 50
+    assert plan.rows["segmenter nnunet: real + synthetic (continue)"].units == 171 * 50
 
 
 def test_benchmark_files_replace_the_defaults(default_dag, tmp_path):
@@ -209,3 +207,18 @@ def test_a_budget_prefix_job_is_costed_as_its_synthesis_in_the_baseline():
     copy, synthesis = job_cost(ctx, job, PLANNED), job_cost(ctx, job, BASELINE)
     assert copy.stage == "budget prefixes (copies)" and synthesis.stage == "synthesis: ddim"
     assert copy.units == synthesis.units == 200 and copy.seconds < synthesis.seconds / 10
+
+
+def test_sampler_costs_follow_the_samplers_defaults():
+    from segsynth.plan import DECODE_STEPS, sampler_steps
+
+    steps = {"steps": 100}
+    # GAUDA: one candidate per (class-adaptively chosen) mask unless oversample says more
+    assert sampler_steps({**steps, "sampler": "gauda"}, True) == 100 + DECODE_STEPS
+    assert sampler_steps({**steps, "sampler": "gauda", "oversample": 4}, True) == 4 * (100 + DECODE_STEPS)
+    # DiffAug: one Tweedie step between encoding and decoding; the SDEdit variant runs strength × steps
+    assert sampler_steps({**steps, "sampler": "diffaug"}, True) == 1 + 2 * DECODE_STEPS
+    assert sampler_steps({**steps, "sampler": "diffaug", "mode": "sdedit", "strength": 0.5}, True) == \
+        50 + 2 * DECODE_STEPS
+    # the Miner costs RD's schedule plus its probe
+    assert sampler_steps({**steps, "sampler": "miner"}, False) > sampler_steps({**steps, "sampler": "ddim"}, False)
