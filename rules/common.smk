@@ -99,6 +99,17 @@ def synthesis_inputs(wildcards):
     return inputs
 
 
+def adherence_inputs(wildcards):
+    """A synthetic set, f_θ, and the adherence judge's real-only model when the run names one."""
+    inputs = {
+        "synthetic": f"results/{wildcards.dataset}/synthetic/{wildcards.generator}/{wildcards.method}/seed{wildcards.seed}",
+        "model": f"results/{wildcards.dataset}/segmenters/{RUN['value_segmenter']}/real",
+    }
+    if RUN.get("adherence_judge"):
+        inputs["judge"] = f"results/{wildcards.dataset}/segmenters/{RUN['adherence_judge']}/real"
+    return inputs
+
+
 def augmented_runs():
     """(dataset, segmenter, generator, method, seed) of every real+synthetic segmenter the benchmark trains."""
     return [
@@ -261,7 +272,7 @@ def benchmark_files():
     datasets = RUN["datasets"]
     files = {f"benchmarks/{d}/splits.tsv" for d in datasets}
     files |= {f"benchmarks/{d}/generators/{g}.tsv" for d in datasets for g in RUN["generators"]}
-    segmenters = set(RUN["segmenters"]) | {RUN["value_segmenter"]}
+    segmenters = set(RUN["segmenters"]) | {RUN["value_segmenter"]} | ({RUN.get("adherence_judge")} - {None})
     files |= {f"benchmarks/{d}/segmenters/{s}/real.tsv" for d in datasets for s in segmenters}
     files |= {f"benchmarks/{d}/eval/{s}/real.tsv" for d in datasets for s in RUN["segmenters"]}
     synthesized = set()  # (dataset, generator, method, seed directory)

@@ -78,10 +78,10 @@ rule budget_prefix:
 
 
 rule mask_adherence:
-    """Mask adherence: the real-only segmenter's Dice on synthetic images against their conditioning masks."""
+    """Mask adherence: the real-only f_θ's and the adherence judge's Dice on synthetic images against their
+    conditioning masks."""
     input:
-        synthetic="results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
-        model=lambda wc: f"results/{wc.dataset}/segmenters/{RUN['value_segmenter']}/real",
+        unpack(adherence_inputs),
     output:
         "results/{dataset}/adherence/{generator}/{method}/seed{seed}.parquet",
     params:

@@ -55,6 +55,7 @@ rule adherence_table:
     params:
         code=code("adherence_table"),
         runs=adherence_runs(),
+        scorers={"value_model": RUN["value_segmenter"], "judge": RUN.get("adherence_judge")},
     log:
         "logs/tables/adherence.log",
     conda:

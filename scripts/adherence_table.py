@@ -9,4 +9,5 @@ run_logged(
     rows=pd.DataFrame(snakemake.params.runs),
     parquet_path=snakemake.output.parquet,
     markdown_path=snakemake.output.markdown,
+    scorers=snakemake.params.scorers,
 )

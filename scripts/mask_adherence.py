@@ -6,5 +6,6 @@ run_logged(
     score_synthetic,
     model_dir=snakemake.input.model,
     synthetic_dir=snakemake.input.synthetic,
+    judge_dir=snakemake.input.get("judge"),
     out_path=snakemake.output[0],
 )

@@ -67,6 +67,9 @@ def check_references(config: dict) -> None:
                                   f"(defined: {sorted(config[section])})")
     if run["value_segmenter"] not in config["segmenters"]:
         raise ConfigError("run.value_segmenter", f"{run['value_segmenter']!r} is not defined under 'segmenters'")
+    judge = run.get("adherence_judge")
+    if judge is not None and judge not in config["segmenters"]:
+        raise ConfigError("run.adherence_judge", f"{judge!r} is not defined under 'segmenters'")
     analyses = config.get("analyses") or {}
     named = [("analyses.budget.methods", m) for m in (analyses.get("budget") or {}).get("methods", [])]
     if analyses.get("subsets"):

@@ -83,26 +83,33 @@ def evaluate_segmenter(model_dir, data_dir, out_path, split: str = "test", threa
     return frame
 
 
-def score_synthetic(model_dir, synthetic_dir, out_path=None) -> pd.DataFrame:
-    """Mask adherence: Dice of the real-only segmenter on synthetic images against their conditioning masks.
+def score_synthetic(model_dir, synthetic_dir, out_path=None, judge_dir=None) -> pd.DataFrame:
+    """Mask adherence: Dice of real-only segmenters on synthetic images against their conditioning masks.
 
-    A generator that follows its masks yields images the real-only model segments as the mask says.
-    Columns: sample_id, class (a foreground class name, or "mean" for the sample's nan-mean over its
-    foreground classes), dice. Written to ``out_path`` when given.
+    A generator that follows its masks yields images a real-only model segments as the mask says. The model
+    at ``model_dir`` is f_θ (scorer ``value_model``); the one at ``judge_dir``, when given, is the adherence
+    judge (scorer ``judge``): a real-only model that guided nothing, so a guided sampler's push toward f_θ's
+    errors does not lower its score the way it lowers f_θ's. Columns: scorer, sample_id, class (a foreground
+    class name, or "mean" for the sample's nan-mean over its foreground classes), dice. Written to
+    ``out_path`` when given.
     """
     set_torch_threads(1)
-    segmenter = load_segmenter(model_dir)
     synthetic = load_synthetic_set(synthetic_dir)
-    if synthetic.masks.size and int(synthetic.masks.max()) >= segmenter.num_classes:
-        raise InputDataError(Path(synthetic_dir) / "masks.npy",
-                             f"class index {int(synthetic.masks.max())} beyond the model's {segmenter.num_classes}")
-    dice = dice_scores(predict_labels(segmenter, synthetic.images), synthetic.masks, segmenter.num_classes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a sample without foreground has a NaN mean
-        per_sample = np.nanmean(dice, axis=1)
-    columns = {name: dice[:, k] for k, name in enumerate(segmenter.class_names[1:])}
-    wide = pd.DataFrame({"sample_id": synthetic.records["sample_id"].to_numpy(), **columns, "mean": per_sample})
-    frame = wide.melt(id_vars="sample_id", var_name="class", value_name="dice")
+    scorers = {"value_model": model_dir} if judge_dir is None else {"value_model": model_dir, "judge": judge_dir}
+    frames = []
+    for scorer, directory in scorers.items():
+        segmenter = load_segmenter(directory)
+        if synthetic.masks.size and int(synthetic.masks.max()) >= segmenter.num_classes:
+            raise InputDataError(Path(synthetic_dir) / "masks.npy", f"class index {int(synthetic.masks.max())} "
+                                 f"beyond the {directory} model's {segmenter.num_classes}")
+        dice = dice_scores(predict_labels(segmenter, synthetic.images), synthetic.masks, segmenter.num_classes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a sample without foreground has a NaN mean
+            per_sample = np.nanmean(dice, axis=1)
+        columns = {name: dice[:, k] for k, name in enumerate(segmenter.class_names[1:])}
+        wide = pd.DataFrame({"sample_id": synthetic.records["sample_id"].to_numpy(), **columns, "mean": per_sample})
+        frames.append(wide.melt(id_vars="sample_id", var_name="class", value_name="dice").assign(scorer=scorer))
+    frame = pd.concat(frames, ignore_index=True)[["scorer", "sample_id", "class", "dice"]]
     if out_path is not None:
         write_parquet(out_path, frame)
     return frame

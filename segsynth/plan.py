@@ -507,7 +507,9 @@ def job_cost(ctx: Context, job: Job, scenario: Scenario) -> Cost:
         return Cost("adversarial subsets (copies)", (rule,), "image", n, STARTUP_S["copy"] + n * COPY_S_PER_IMAGE)
     if rule == "mask_adherence":
         n = _set_size(ctx, wc["dataset"], wc["method"])
-        return Cost("mask adherence", (rule,), "image", n, STARTUP_S["evaluation"] + n * ADHERENCE_S_PER_IMAGE)
+        scorers = 2 if config["run"].get("adherence_judge") else 1  # f_θ and the adherence judge
+        return Cost("mask adherence", (rule,), "image", n,
+                    STARTUP_S["evaluation"] + n * scorers * ADHERENCE_S_PER_IMAGE)
     if rule == "fidelity":
         n = _set_size(ctx, wc["dataset"], wc["method"]) + ctx.sizes[wc["dataset"]]["train"]
         return Cost("fidelity (FID, KID, domain FID)", (rule,), "image", n,

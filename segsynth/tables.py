@@ -125,6 +125,8 @@ def main_summary(main: pd.DataFrame, fidelity: pd.DataFrame | None = None,
             if adherence is not None:
                 sets = adherence[(adherence["dataset"] == dataset) & (adherence["method"] == method)]
                 row[f"{dataset} adherence DSC (%)"] = mean_std(sets["dice"] * 100.0, 1)
+                if has_judge(adherence):
+                    row[f"{dataset} judge adherence DSC (%)"] = mean_std(sets["judge_dice"].dropna() * 100.0, 1)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -139,29 +141,50 @@ def main_markdown(main: pd.DataFrame, fidelity: pd.DataFrame | None = None,
     if fidelity is not None or adherence is not None:
         caption += (" FID, KID and domain FID: the synthetic sets against the real training images "
                     "(results/tables/fidelity.md says how); adherence: the real-only segmenter f_θ's DSC on the "
-                    "synthetic images against their masks (results/tables/adherence.md).")
+                    "synthetic images against their masks (results/tables/adherence.md)"
+                    + ("; judge adherence: the same by a second real-only segmenter that guided no sampler."
+                       if has_judge(adherence) else "."))
     return "\n".join([caption, "", *lines]) + "\n"
 
 
 def adherence_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mask adherence per synthetic set: dataset, method, seed, dice (mean over samples of the per-sample
-    foreground Dice from ``score_synthetic``). ``rows`` has columns dataset, method, seed, path."""
+    """Mask adherence per synthetic set: dataset, method, seed, dice (f_θ's), judge_dice (the adherence
+    judge's; NaN where no judge scored the set), each the mean over samples of the per-sample foreground Dice
+    from ``score_synthetic``. ``rows`` has columns dataset, method, seed, path."""
     records = []
     for row in rows.itertuples(index=False):
         scores = pd.read_parquet(row.path)
+        if "scorer" not in scores:  # written before the judge existed: f_θ's alone
+            scores = scores.assign(scorer="value_model")
+        means = scores[scores["class"] == "mean"].groupby("scorer")["dice"].mean()
         records.append({"dataset": row.dataset, "method": row.method, "seed": row.seed,
-                        "dice": scores.loc[scores["class"] == "mean", "dice"].mean()})
-    return pd.DataFrame(records, columns=["dataset", "method", "seed", "dice"])
+                        "dice": means.get("value_model", float("nan")), "judge_dice": means.get("judge", float("nan"))})
+    return pd.DataFrame(records, columns=["dataset", "method", "seed", "dice", "judge_dice"])
 
 
-def adherence_markdown(adherence: pd.DataFrame) -> str:
-    """Adherence per dataset and method as "mean ± std" Dice (%) over seeds."""
-    lines = ["| Dataset | Method | Mask adherence DSC (%) |", "|---|---|---|"]
+def has_judge(adherence: pd.DataFrame | None) -> bool:
+    """Whether an adherence judge scored any set of the table."""
+    return adherence is not None and "judge_dice" in adherence and adherence["judge_dice"].notna().any()
+
+
+def adherence_markdown(adherence: pd.DataFrame, scorers: dict | None = None) -> str:
+    """Adherence per dataset and method as "mean ± std" Dice (%) over seeds: f_θ's, and the judge's where one
+    scored. ``scorers`` names the models ({"value_model": ..., "judge": ...}) in the header."""
+    scorers = scorers or {}
+    judge = has_judge(adherence)
+    value_name = f"f_θ ({scorers['value_model']})" if scorers.get("value_model") else "f_θ"
+    judge_name = f"judge ({scorers['judge']})" if scorers.get("judge") else "judge"
+    header = ["Dataset", "Method", f"Mask adherence DSC (%) by {value_name}"] + (
+        [f"Mask adherence DSC (%) by {judge_name}"] if judge else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for dataset in dict.fromkeys(adherence["dataset"]):
         rows = adherence[adherence["dataset"] == dataset]
         for method in method_order(rows["method"]):
-            dice = rows.loc[rows["method"] == method, "dice"] * 100.0
-            lines.append(f"| {dataset} | {method_label(method)} | {mean_std(dice, 1)} |")
+            sets = rows[rows["method"] == method]
+            cells = [dataset, method_label(method), mean_std(sets["dice"] * 100.0, 1)]
+            if judge:
+                cells.append(mean_std(sets["judge_dice"].dropna() * 100.0, 1))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,10 +266,10 @@ def write_main_tables(runs: pd.DataFrame, parquet_path, markdown_path, tsv_path,
     return main
 
 
-def write_adherence_tables(rows: pd.DataFrame, parquet_path, markdown_path) -> pd.DataFrame:
+def write_adherence_tables(rows: pd.DataFrame, parquet_path, markdown_path, scorers: dict | None = None) -> pd.DataFrame:
     adherence = adherence_table(rows)
     write_parquet(parquet_path, adherence)
-    write_text(markdown_path, adherence_markdown(adherence))
+    write_text(markdown_path, adherence_markdown(adherence, scorers))
     return adherence
 
 

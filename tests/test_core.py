@@ -80,6 +80,7 @@ def test_the_default_config_is_valid_and_method_params_merge_in_order():
 @pytest.mark.parametrize("edit, key", [
     (lambda c: c["run"].update(segmenters=["missing"]), "run.segmenters"),
     (lambda c: c["run"].update(value_segmenter="missing"), "run.value_segmenter"),
+    (lambda c: c["run"].update(adherence_judge="missing"), "run.adherence_judge"),
     (lambda c: c["segmenters"]["unet"].update(steps=0), "segmenters.unet.steps"),
     (lambda c: c["generators"]["tiny"]["training"].update(extra=1), "generators.tiny.training"),
 ])

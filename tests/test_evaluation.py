@@ -141,6 +141,16 @@ def test_score_synthetic_reports_per_class_and_mean(tmp_path, monkeypatch):
     assert dice[("g0", "a")] == 1.0 and dice[("g0", "b")] == 0.0 and dice[("g0", "mean")] == 0.5
     assert np.isnan(dice[("g1", "b")]) and dice[("g1", "mean")] == 1.0
     assert (tmp_path / "adherence.parquet").exists()
+    assert set(frame["scorer"]) == {"value_model"}
+
+    # the adherence judge: a second model scores the same set, its rows kept apart from f_θ's
+    judged = np.stack([square(2, 2) + square(9, 9, label=2), np.zeros((SIZE, SIZE), dtype=np.uint8)])
+    monkeypatch.setattr(evaluation, "load_segmenter",
+                        lambda model_dir: Oracle(judged if model_dir == "judge" else predicted))
+    frame = score_synthetic("model", syn, judge_dir="judge")
+    means = frame[frame["class"] == "mean"].set_index(["scorer", "sample_id"])["dice"]
+    assert means[("value_model", "g0")] == 0.5 and means[("judge", "g0")] == 1.0
+    assert means[("value_model", "g1")] == 1.0 and means[("judge", "g1")] == 0.0
 
 
 def test_evaluate_trained_model_end_to_end(tmp_path):

@@ -155,10 +155,26 @@ def adherence_rows(tmp_path) -> pd.DataFrame:
 
 def test_adherence_table_and_markdown(tmp_path):
     adherence = adherence_table(adherence_rows(tmp_path))
-    assert adherence.to_dict("list") == {"dataset": ["d"] * 3, "method": ["vgd", "vgd", "plain"], "seed": [0, 1, 0],
-                                         "dice": [pytest.approx(0.9), pytest.approx(0.6), pytest.approx(0.5)]}
+    # files without a scorer column (written before the judge existed) are f_θ's alone
+    assert adherence.drop(columns="judge_dice").to_dict("list") == {
+        "dataset": ["d"] * 3, "method": ["vgd", "vgd", "plain"], "seed": [0, 1, 0],
+        "dice": [pytest.approx(0.9), pytest.approx(0.6), pytest.approx(0.5)]}
+    assert adherence["judge_dice"].isna().all()
     assert "| d | vgd | 75.0 ± 21.2 |" in adherence_markdown(adherence)
     assert "| d | plain | 50.0 |" in adherence_markdown(adherence)
+    assert "judge" not in adherence_markdown(adherence)
+
+
+def test_adherence_table_keeps_the_judge_apart_from_f_theta(tmp_path):
+    path = tmp_path / "adh.parquet"
+    pd.DataFrame({"scorer": ["value_model"] * 2 + ["judge"] * 2, "sample_id": ["g0", "g1"] * 2,
+                  "class": ["mean"] * 4, "dice": [0.2, 0.4, 0.8, 1.0]}).to_parquet(path)
+    rows = pd.DataFrame([{"dataset": "d", "method": "vgd", "seed": 0, "path": path}])
+    adherence = adherence_table(rows)
+    assert adherence["dice"].iloc[0] == pytest.approx(0.3) and adherence["judge_dice"].iloc[0] == pytest.approx(0.9)
+    markdown = adherence_markdown(adherence, {"value_model": "unet", "judge": "mk_unet"})
+    assert ("| Dataset | Method | Mask adherence DSC (%) by f_θ (unet) | Mask adherence DSC (%) by judge (mk_unet) |") in markdown
+    assert "| d | vgd | 30.0 | 90.0 |" in markdown
 
 
 def test_writers_are_consistent(tmp_path, runs):

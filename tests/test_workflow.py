@@ -98,7 +98,10 @@ def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path, e2e_re
     markdown = (results / "tables" / "main.md").read_text()
     assert "| Baseline |" in markdown and "| rd |" in markdown and "±" in markdown
     adherence = pd.read_parquet(results / "tables" / "adherence.parquet")
-    assert len(adherence) == 6 and {"method", "seed", "dice"} <= set(adherence.columns)
+    assert len(adherence) == 6 and {"method", "seed", "dice", "judge_dice"} <= set(adherence.columns)
+    # the adherence judge (tests/config/e2e.yaml: judge_unet) scored every set beside f_θ
+    assert adherence[["dice", "judge_dice"]].notna().all().all()
+    assert "by judge (judge_unet)" in (results / "tables" / "adherence.md").read_text()
     fidelity = pd.read_parquet(results / "tables" / "fidelity.parquet")
     assert len(fidelity) == 6 * 4 and set(fidelity["metric"]) == {"fid", "kid_mean", "kid_std", "domain_fid"}
     assert np.isfinite(fidelity["value"]).all() and (fidelity["n_real"] > 0).all() and (fidelity["n_samples"] > 0).all()
