@@ -19,6 +19,8 @@ ANALYSES = config.get("analyses") or {}
 BUDGET = ANALYSES.get("budget")
 SUBSETS = ANALYSES.get("subsets")
 SYNTHETIC_ONLY = ANALYSES.get("synthetic_only")
+LAW = ANALYSES.get("law")
+ORDER_ABLATION = ANALYSES.get("order")
 # Synthesis jobs exist for configured methods only; other names under synthetic/ are adversariality subsets.
 SYNTHESIZED = "|".join(re.escape(m) for m in sorted(config["methods"], key=len, reverse=True))
 # Nested budget sets: on the sweep's seeds, a swept method's smaller budgets are prefixes of its largest
@@ -228,7 +230,27 @@ def analysis_outputs():
         outputs += ["results/tables/subsets.parquet", "results/tables/subsets.md"]
     if mask_vae_datasets():
         outputs += ["results/tables/mask_vae.parquet", "results/tables/mask_vae.md"]
+    if LAW:
+        outputs += [f"results/tables/{name}.{ext}" for name in ("law_synthesis", "law_downstream", "law_ablation")
+                    for ext in ("parquet", "md")]
+        if LAW.get("figure"):
+            outputs += expand("results/figures/law_weights_{dataset}.png", dataset=RUN["datasets"])
+    if ORDER_ABLATION:
+        outputs += ["results/tables/order_ablation.parquet", "results/tables/order_ablation.md"]
     return outputs
+
+
+def law_generators():
+    """Every generator a LAW table row names."""
+    return list(dict.fromkeys([*LAW["synthesis"].values(), *LAW["ablation"].values()]))
+
+
+def law_settings():
+    """What the LAW tables need to know beyond their input files: the rows, the method, the downstream
+    segmenter, and whether labels carry the generator (several generators run)."""
+    return {"method": LAW.get("method", "rd"), "segmenter": LAW.get("segmenter") or RUN["segmenters"][0],
+            "synthesis": dict(LAW["synthesis"]), "ablation": dict(LAW["ablation"]),
+            "labelled": len(RUN["generators"]) > 1}
 
 
 def sample_figures():

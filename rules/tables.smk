@@ -326,3 +326,88 @@ rule segmenter_table:
         "../envs/tables.yaml"
     script:
         "../scripts/segmenter_table.py"
+
+
+if LAW:
+
+    localrules:
+        law_tables,
+
+    rule law_tables:
+        """LAW's Tables 1, 2 and 4: each weighting's generator, its sets' fidelity and adherence, the downstream
+        segmenter's Dice and IoU, and the stability of its training — views over the DAG's own tables."""
+        input:
+            fidelity="results/tables/fidelity.parquet",
+            adherence="results/tables/adherence.parquet",
+            main="results/tables/main.parquet",
+            generators=[f"results/{d}/generators/{g}" for d in RUN["datasets"] for g in law_generators()],
+        output:
+            **{f"{name}_{ext}": f"results/tables/{name}.{ext}"
+               for name in ("law_synthesis", "law_downstream") for ext in ("parquet", "md")},
+            law_ablation_parquet="results/tables/law_ablation.parquet",
+            law_ablation_md=report(
+                "results/tables/law_ablation.md",
+                caption="../report/law.rst",
+                category="LAW & ORDER",
+                labels={"table": "LAW ablation (Table 4)"},
+            ),
+        params:
+            code=code("law_tables"),
+            settings=law_settings(),
+            # Table 4's stability column reads each generator's training summary (one dataset's: the first)
+            generator_dirs={g: f"results/{RUN['datasets'][0]}/generators/{g}" for g in law_generators()},
+        log:
+            "logs/tables/law.log",
+        conda:
+            "../envs/tables.yaml"
+        script:
+            "../scripts/law_tables.py"
+
+    rule law_figure:
+        """LAW's learned δ and final weights over a few training masks (the paper's Figs. 4 and 8)."""
+        input:
+            generator=lambda wc: f"results/{wc.dataset}/generators/{LAW['figure']}",
+            data="results/{dataset}/data",
+        output:
+            report(
+                "results/figures/law_weights_{dataset}.png",
+                caption="../report/law_figure.rst",
+                category="LAW & ORDER",
+                labels={"figure": "LAW weights", "dataset": "{dataset}"},
+            ),
+        params:
+            code=code("law_figure"),
+        log:
+            "logs/figures/law_weights_{dataset}.log",
+        conda:
+            torch_env()
+        script:
+            "../scripts/law_figure.py"
+
+
+if ORDER_ABLATION:
+
+    localrules:
+        order_ablation_table,
+
+    rule order_ablation_table:
+        """ORDER's Tables 5-6: where the bidirectional skip attention sits, from the segmenter table's rows."""
+        input:
+            "results/tables/segmenters.parquet",
+        output:
+            parquet="results/tables/order_ablation.parquet",
+            markdown=report(
+                "results/tables/order_ablation.md",
+                caption="../report/order.rst",
+                category="LAW & ORDER",
+                labels={"table": "ORDER attention stages (Tables 5-6)"},
+            ),
+        params:
+            code=code("order_ablation_table"),
+            rows=dict(ORDER_ABLATION["segmenters"]),
+        log:
+            "logs/tables/order_ablation.log",
+        conda:
+            "../envs/tables.yaml"
+        script:
+            "../scripts/order_ablation_table.py"

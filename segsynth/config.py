@@ -78,6 +78,25 @@ def check_references(config: dict) -> None:
     for key, name in named:
         if name not in config["methods"]:
             raise ConfigError(key, f"{name!r} is not defined under 'methods' (defined: {sorted(config['methods'])})")
+    law = analyses.get("law")
+    if law:
+        rows = [(f"analyses.law.{table}", generator) for table in ("synthesis", "ablation")
+                for generator in law[table].values()]
+        if law.get("figure"):
+            rows.append(("analyses.law.figure", law["figure"]))
+        for key, generator in rows:
+            if generator not in run["generators"]:
+                raise ConfigError(key, f"{generator!r} is not in run.generators {run['generators']}")
+        if law.get("method", "rd") not in run["methods"]:
+            raise ConfigError("analyses.law.method", f"{law.get('method', 'rd')!r} is not in run.methods")
+        if law.get("segmenter") and law["segmenter"] not in run["segmenters"]:
+            raise ConfigError("analyses.law.segmenter", f"{law['segmenter']!r} is not in run.segmenters")
+        figure = law.get("figure")
+        if figure and config["generators"][figure]["training"].get("weighting", "uniform") != "law":
+            raise ConfigError("analyses.law.figure", f"generator {figure!r} is not trained with weighting: law")
+    for segmenter in ((analyses.get("order") or {}).get("segmenters") or {}).values():
+        if segmenter not in run["segmenters"]:
+            raise ConfigError("analyses.order.segmenters", f"{segmenter!r} is not in run.segmenters")
     for dataset in run["datasets"]:
         miner_schedule(config, dataset)
 

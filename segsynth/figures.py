@@ -153,3 +153,38 @@ def _show_image(ax: Axes, image: np.ndarray) -> None:
 def _save_png(fig: Figure, out_png) -> None:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
+
+
+def law_weight_figure(generator_dir, data_dir, out_png, n: int = 6, timestep: int = 500) -> None:
+    """LAW's weights over ``n`` training masks (the paper's Figs. 4 and 8): rows the real image, its mask, the
+    ratio prior (mean-normalised), the learned δ ∈ [0, 1] and the final clamped weights, at ``timestep``."""
+    from .data.canonical import read_meta
+    from .law import law_maps
+
+    maps = law_maps(generator_dir, data_dir, n=n, timestep=timestep)
+    class_names = read_meta(data_dir)["class_names"]
+    rows = ["real image", "mask", "ratio prior w/mean", "learned δ", "final weight"]
+    columns = len(maps["sample_ids"])
+    fig = Figure(figsize=(PANEL_INCHES * columns + 1.0, PANEL_INCHES * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    cmap = _mask_colormap(len(class_names))
+    for col in range(columns):
+        _show_image(axes[0, col], maps["images"][col])
+        axes[0, col].set_title(str(maps["sample_ids"][col]), fontsize="small")
+        axes[1, col].imshow(maps["masks"][col], cmap=cmap, vmin=0, vmax=len(class_names) - 1,
+                            interpolation="nearest")
+    # one colour scale per map row, shared across its columns
+    for row, key, cmap_name, (low, high) in ((2, "prior", "magma", (0.0, float(maps["prior"].max()))),
+                                             (3, "delta", "viridis", (0.0, 1.0)),
+                                             (4, "weights", "magma", (0.0, float(maps["weights"].max())))):
+        for col in range(columns):
+            shown = axes[row, col].imshow(maps[key][col], cmap=cmap_name, vmin=low, vmax=high,
+                                          interpolation="nearest")
+        fig.colorbar(shown, ax=list(axes[row, :]), shrink=0.9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for row, label in enumerate(rows):
+        axes[row, 0].set_ylabel(label)
+    fig.suptitle(f"LAW weights at t = {maps['timestep']}")
+    _save_png(fig, out_png)

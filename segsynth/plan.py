@@ -147,6 +147,9 @@ CONTINUE_NNUNET_BATCHES = 2
 #: stack-facts.md) per foreground class.
 PREDICT_S = {"nnunet": 0.02, "torch": 0.005}
 METRICS_S_PER_CLASS = 0.025
+#: A generator step with LAW's or adaptive distillation's teacher against a plain one (two trained networks'
+#: forward and backward passes instead of one; with a frozen SD UNet the ControlNets dominate either way).
+TEACHER_STEP_FACTOR = 2.0
 #: Mask adherence: f_θ forward and Dice per synthetic image.
 ADHERENCE_S_PER_IMAGE = 0.005
 #: fidelity (segsynth.fidelity) per image, real and synthetic: the bilinear resize to 299² and the 8-bit rounding
@@ -409,6 +412,9 @@ def generator_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
         step *= GENERATOR_TRAIN_UNET if training.get("train_unet") else 1.0
     else:
         step = TINY_GENERATOR_STEP_S
+    if training.get("weighting", "uniform") in ("adaptive_distill", "law"):
+        # the privileged teacher (segsynth.law): a second forward and backward pass of the trained network
+        step *= TEACHER_STEP_FACTOR
     step /= PRECISION_SPEEDUP["training"][precision_of(config, scenario)]
     return Cost("generator fine-tuning", ("train_generator", g), "step", training["steps"],
                 STARTUP_S["training"] + training["steps"] * step)

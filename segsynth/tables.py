@@ -487,3 +487,179 @@ def write_mask_vae_tables(datasets: list[str], mask_vae_dirs: list, parquet_path
     write_parquet(parquet_path, table)
     write_text(markdown_path, mask_vae_markdown(table))
     return table
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LAW & ORDER (results/tables/law_*.md, order_ablation.md): views over the DAG's own tables, a row per
+# generator (a weighting) or per segmenter (an attention placement) that the config's analyses name.
+# ------------------------------------------------------------------------------------------------------------
+def _set_label(generator: str, method: str, labelled: bool) -> str:
+    """The method label the main, fidelity and adherence tables give a generator's sets (rules/common.smk)."""
+    return f"{generator}:{method}" if labelled else method
+
+
+def training_stability(stats: dict) -> str:
+    """The stability column of LAW's Table 4, read from a generator's ``train_stats.json`` ``weighting``
+    summary: ``unstable`` (a non-finite loss), ``diverged`` (the last 50 steps' mean loss over twice the first
+    50's), ``collapsed`` (over half the pixels pinned at w_min, i.e. the loss ignores most of the image) or
+    ``stable``."""
+    summary = stats.get("weighting") or {}
+    if not summary:
+        return "–"
+    if not summary.get("losses_finite", True):
+        return "unstable"
+    first, last = summary.get("first_loss"), summary.get("last_loss")
+    if first and last is not None and last > 2.0 * first:
+        return "diverged"
+    if summary.get("at_w_min", 0.0) > 0.5:
+        return "collapsed"
+    return "stable"
+
+
+def law_tables(settings: dict, fidelity: pd.DataFrame, adherence: pd.DataFrame, main: pd.DataFrame,
+               generator_stats: dict) -> dict[str, pd.DataFrame]:
+    """LAW's Tables 1, 2 and 4 in long form (one row per dataset, row label and metric; ``value`` the mean over
+    synthesis seeds, ``std`` their standard deviation, ``n`` the seeds). ``settings``: method, segmenter,
+    synthesis and ablation (label → generator), labelled; ``generator_stats``: generator → its train_stats."""
+    method, segmenter, labelled = settings["method"], settings["segmenter"], settings["labelled"]
+
+    def summarise(values: pd.Series) -> dict:
+        values = values.dropna()
+        return {"value": values.mean() if len(values) else float("nan"),
+                "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "n": int(len(values))}
+
+    def fidelity_rows(dataset, label, generator):
+        label = _set_label(generator, method, labelled)
+        sets = fidelity[(fidelity["dataset"] == dataset) & (fidelity["generator"] == generator)
+                        & (fidelity["method"] == label)]
+        rows = [{"metric": metric, **summarise(sets.loc[sets["metric"] == metric, "value"])}
+                for metric in ("fid", "kid_mean", "domain_fid")]
+        sets = adherence[(adherence["dataset"] == dataset) & (adherence["method"] == label)]
+        rows.append({"metric": "adherence_dice", **summarise(sets["dice"])})
+        if "judge_dice" in sets:
+            rows.append({"metric": "judge_adherence_dice", **summarise(sets["judge_dice"])})
+        return rows
+
+    def downstream_rows(dataset, generator):
+        label = BASELINE if generator is None else _set_label(generator, method, labelled)
+        runs = main[(main["dataset"] == dataset) & (main["segmenter"] == segmenter) & (main["method"] == label)
+                    & (main["class"] == "mean")]
+        return [{"metric": metric, **summarise(runs.loc[runs["metric"] == metric, "value"])}
+                for metric in ("dice", "iou")]
+
+    synthesis, downstream, ablation = [], [], []
+    for dataset in dict.fromkeys(main["dataset"]):
+        for label, generator in settings["synthesis"].items():
+            base = {"dataset": dataset, "row": label, "generator": generator}
+            synthesis += [{**base, **row} for row in fidelity_rows(dataset, label, generator)]
+        downstream += [{"dataset": dataset, "row": "Real only", "generator": None, "segmenter": segmenter, **row}
+                       for row in downstream_rows(dataset, None)]
+        for label, generator in settings["synthesis"].items():
+            downstream += [{"dataset": dataset, "row": f"+ {label}", "generator": generator, "segmenter": segmenter,
+                            **row} for row in downstream_rows(dataset, generator)]
+        for label, generator in settings["ablation"].items():
+            base = {"dataset": dataset, "row": label, "generator": generator,
+                    "stability": training_stability(generator_stats.get(generator, {}))}
+            ablation += [{**base, **row} for row in fidelity_rows(dataset, label, generator)
+                         if row["metric"] in ("fid", "domain_fid")]
+            ablation += [{**base, **row, "segmenter": segmenter} for row in downstream_rows(dataset, generator)
+                         if row["metric"] == "dice"]
+    return {"law_synthesis": pd.DataFrame(synthesis), "law_downstream": pd.DataFrame(downstream),
+            "law_ablation": pd.DataFrame(ablation)}
+
+
+#: LAW table columns: metric → (header, scale, decimals)
+LAW_COLUMNS = {"fid": ("FID", 1.0, 1), "kid_mean": ("KID ×10³", 1e3, 2), "domain_fid": ("Domain FID", 1.0, 3),
+               "adherence_dice": ("Adherence DSC (%) by f_θ", 100.0, 1),
+               "judge_adherence_dice": ("Adherence DSC (%) by the judge", 100.0, 1),
+               "dice": ("mDice (%)", 100.0, 1), "iou": ("mIoU (%)", 100.0, 1)}
+
+
+def _cell(value: float, std: float, scale: float, decimals: int) -> str:
+    if pd.isna(value):
+        return "–"
+    if pd.isna(std):
+        return f"{value * scale:.{decimals}f}"
+    return f"{value * scale:.{decimals}f} ± {std * scale:.{decimals}f}"
+
+
+def law_markdown(table: pd.DataFrame, caption: str, extra: tuple[str, ...] = ()) -> str:
+    """A long LAW table as markdown: a row per (dataset, row label), a column per metric (mean ± std over
+    seeds), then the ``extra`` columns as they are."""
+    metrics = [m for m in LAW_COLUMNS if m in set(table["metric"])]
+    header = ["Dataset", "Row", *(LAW_COLUMNS[m][0] for m in metrics), *(e.capitalize() for e in extra)]
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (dataset, row), group in table.groupby(["dataset", "row"], sort=False):
+        cells = [dataset, row]
+        for metric in metrics:
+            hit = group[group["metric"] == metric]
+            cells.append(_cell(hit["value"].iloc[0], hit["std"].iloc[0], *LAW_COLUMNS[metric][1:]) if len(hit)
+                         else "–")
+        cells += [str(group[e].iloc[0]) for e in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+LAW_CAPTIONS = {
+    "law_synthesis": ("LAW Table 1: each weighting's generator, its sets sampled by {method}; mean ± std over "
+                      "synthesis seeds. FID, KID and domain FID against the real training images "
+                      "(results/tables/fidelity.md says how; CLIP-I needs a CLIP model this run does not have); "
+                      "adherence: real-only segmenters' DSC on the samples against their masks."),
+    "law_downstream": ("LAW Table 2: the {segmenter} segmenter trained on real + each weighting's {method} set "
+                       "(Real only: the Baseline, one run); test mDice and mIoU, mean ± std over synthesis seeds."),
+    "law_ablation": ("LAW Table 4: the ablation's generators; FID and domain FID of their {method} sets, the "
+                     "{segmenter} segmenter's test mDice on real + each set; stability measured from each "
+                     "generator's training (train_stats.json: non-finite loss = unstable, last 50 steps' loss "
+                     "over twice the first 50's = diverged, most pixels at w_min = collapsed)."),
+}
+
+
+def write_law_tables(settings: dict, fidelity_path, adherence_path, main_path, generator_dirs: dict,
+                     out_dir) -> dict[str, pd.DataFrame]:
+    """The three LAW tables as ``<out_dir>/<name>.parquet`` and ``.md``; ``generator_dirs``: generator →
+    its trained directory (its ``train_stats.json`` has the training's weighting summary)."""
+    from .io import read_json
+
+    stats = {g: read_json(Path(d) / "train_stats.json") for g, d in generator_dirs.items()}
+    tables = law_tables(settings, pd.read_parquet(fidelity_path), pd.read_parquet(adherence_path),
+                        pd.read_parquet(main_path), stats)
+    for name, table in tables.items():
+        write_parquet(Path(out_dir) / f"{name}.parquet", table)
+        caption = LAW_CAPTIONS[name].format(**settings)
+        write_text(Path(out_dir) / f"{name}.md",
+                   law_markdown(table, caption, ("stability",) if name == "law_ablation" else ()))
+    return tables
+
+
+def order_ablation_table(segmenters: pd.DataFrame, rows: dict) -> pd.DataFrame:
+    """ORDER's Tables 5–6: per dataset and row label (→ a segmenter of the segmenter table), its params and
+    real-only test mDice and mIoU (mean ± std over test units, as the segmenter table has them)."""
+    records = []
+    for dataset in dict.fromkeys(segmenters["dataset"]):
+        for label, name in rows.items():
+            hit = segmenters[(segmenters["dataset"] == dataset) & (segmenters["segmenter"] == name)]
+            if hit.empty:
+                raise InputDataError("results/tables/segmenters.parquet", f"no row for segmenter {name!r} of "
+                                     f"dataset {dataset!r} (analyses.order row {label!r})")
+            r = hit.iloc[0]
+            records.append({"dataset": dataset, "row": label, "segmenter": name, "params": int(r["params"]),
+                            "dice_mean": r["dice_mean"], "dice_std": r["dice_std"],
+                            "iou_mean": r.get("iou_mean", float("nan")), "iou_std": r.get("iou_std", float("nan"))})
+    return pd.DataFrame(records)
+
+
+def order_ablation_markdown(table: pd.DataFrame) -> str:
+    lines = ["ORDER Tables 5–6: where the bidirectional skip attention sits (stages numbered from the "
+             "full-resolution end); real-only models, test mDice and mIoU in %, mean ± std over test samples.", "",
+             "| Dataset | Configuration | Segmenter | Params | mDice (%) | mIoU (%) |", "|---|---|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.dataset} | {r.row} | {r.segmenter} | {r.params:,} | "
+                     f"{_cell(r.dice_mean, r.dice_std, 100.0, 1)} | {_cell(r.iou_mean, r.iou_std, 100.0, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_order_ablation_tables(segmenters_path, rows: dict, parquet_path, markdown_path) -> pd.DataFrame:
+    table = order_ablation_table(pd.read_parquet(segmenters_path), rows)
+    write_parquet(parquet_path, table)
+    write_text(markdown_path, order_ablation_markdown(table))
+    return table

@@ -93,6 +93,22 @@ def test_order_attention_computes_one_similarity_used_in_both_directions(monkeyp
     torch.testing.assert_close(attention(decoder, encoder), out.decoder + out.encoder)
 
 
+@pytest.mark.parametrize("stages, widths", [([], []), ([0, 1], [8, 4]), ([2, 3], [24, 16]), ([1, 2], [16, 8]),
+                                             ("all", [24, 16, 8, 4])])
+def test_order_attention_stages_pick_the_skips_the_paper_numbers(stages, widths):
+    # ORDER Tables 5-6: stages numbered from the full-resolution end; [] is MK-UNet's graph exactly
+    network = make("order", {**CFGS["order"], "attention_stages": stages}).build_network()
+    assert [m.value_dec.in_channels for m in network.attention_modules()] == widths  # deepest first
+    if not stages:
+        assert n_params(network) == n_params(make("mk_unet").build_network())
+
+
+@pytest.mark.parametrize("stages", [[4], [0, 0], "last", [True]])
+def test_order_attention_stages_out_of_range_are_config_errors(stages):
+    with pytest.raises(ConfigError, match="attention_stages"):
+        make("order", {**CFGS["order"], "attention_stages": stages})
+
+
 def test_order_attends_on_the_final_two_skips_and_pools_large_stages():
     network = make("order").build_network().eval()
     modules = network.attention_modules()

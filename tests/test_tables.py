@@ -254,3 +254,53 @@ def test_figures_render_png(tmp_path, runs):
         content = (tmp_path / "figs" / name).read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 1000
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["dice.png", "grid.png"]
+
+
+def test_law_tables_are_views_over_the_dag_tables_per_generator():
+    from segsynth.tables import law_markdown, law_tables, training_stability
+
+    settings = {"method": "rd", "segmenter": "unet", "labelled": True,
+                "synthesis": {"Uniform": "g_u", "LAW": "g_l"}, "ablation": {"Raw": "g_r", "LAW": "g_l"}}
+    fidelity = pd.DataFrame([{"dataset": "d", "generator": g, "method": f"{g}:rd", "seed": seed, "metric": metric,
+                              "value": base + seed}
+                             for g, base in (("g_u", 100.0), ("g_l", 80.0), ("g_r", 120.0)) for seed in (0, 1)
+                             for metric in ("fid", "kid_mean", "domain_fid")])
+    adherence = pd.DataFrame([{"dataset": "d", "method": f"{g}:rd", "seed": seed, "dice": 0.5, "judge_dice": 0.6}
+                              for g in ("g_u", "g_l", "g_r") for seed in (0, 1)])
+    main = pd.DataFrame([{"dataset": "d", "segmenter": "unet", "method": label, "seed": seed, "class": "mean",
+                          "metric": metric, "value": value, "unit": "slice·px"}
+                         for label, value, seeds in (("baseline", 0.6, (0,)), ("g_u:rd", 0.62, (0, 1)),
+                                                     ("g_l:rd", 0.66, (0, 1)), ("g_r:rd", 0.5, (0, 1)))
+                         for seed in seeds for metric in ("dice", "iou")])
+    stats = {"g_r": {"weighting": {"kind": "law", "losses_finite": False}},
+             "g_l": {"weighting": {"kind": "law", "losses_finite": True, "first_loss": 0.2, "last_loss": 0.1,
+                                   "at_w_min": 0.01}}}
+    tables = law_tables(settings, fidelity, adherence, main, stats)
+    synthesis = tables["law_synthesis"].set_index(["row", "metric"])
+    assert synthesis.loc[("LAW", "fid"), "value"] == 80.5 and synthesis.loc[("LAW", "fid"), "n"] == 2
+    assert synthesis.loc[("Uniform", "judge_adherence_dice"), "value"] == 0.6
+    downstream = tables["law_downstream"].set_index(["row", "metric"])
+    assert downstream.loc[("Real only", "dice"), "value"] == 0.6 and downstream.loc[("Real only", "dice"), "n"] == 1
+    assert downstream.loc[("+ LAW", "iou"), "value"] == pytest.approx(0.66)
+    ablation = tables["law_ablation"]
+    assert set(ablation.loc[ablation["row"] == "Raw", "stability"]) == {"unstable"}
+    assert set(ablation.loc[ablation["row"] == "LAW", "stability"]) == {"stable"}
+    assert set(ablation["metric"]) == {"fid", "domain_fid", "dice"}
+    markdown = law_markdown(ablation, "caption", ("stability",))
+    assert "| d | LAW | 80.5 ± 0.7 | 80.500 ± 0.707 | 66.0 ± 0.0 | stable |" in markdown
+    assert training_stability({"weighting": {"losses_finite": True, "first_loss": 0.1, "last_loss": 0.5}}) == "diverged"
+    assert training_stability({"weighting": {"losses_finite": True, "at_w_min": 0.9}}) == "collapsed"
+
+
+def test_order_ablation_rows_come_from_the_segmenter_table():
+    from segsynth.errors import InputDataError
+    from segsynth.tables import order_ablation_markdown, order_ablation_table
+
+    segmenters = pd.DataFrame([{"dataset": "d", "segmenter": name, "params": params, "dice_mean": dice,
+                                "dice_std": 0.1, "iou_mean": dice - 0.1, "iou_std": 0.1}
+                               for name, params, dice in (("mk_unet", 25696, 0.6), ("order", 41610, 0.7))])
+    table = order_ablation_table(segmenters, {"None (MK-UNet)": "mk_unet", "Stages 0-1": "order"})
+    assert list(table["params"]) == [25696, 41610]
+    assert "| d | Stages 0-1 | order | 41,610 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in order_ablation_markdown(table)
+    with pytest.raises(InputDataError, match="order_all"):
+        order_ablation_table(segmenters, {"All": "order_all"})

@@ -202,12 +202,15 @@ def test_every_preset_validates_and_dry_runs(tmp_path, preset):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     config = yaml.safe_load(preset.read_text())
     # a preset without a run section (default_generator) runs the default's methods
-    methods = (config.get("run") or yaml.safe_load((REPO / "config.yaml").read_text())["run"])["methods"]
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    run = {**default["run"], **(config.get("run") or {})}
+    methods, generators = run["methods"], run["generators"]
+    n_seed = {**default["seeds"], **(config.get("seeds") or {})}["n_seed"]
     sweep = (config.get("analyses") or {}).get("budget")  # presets switch the analyses off with null
     extra = 0 if sweep is None else len(sweep["methods"]) * len(set(sweep["budgets"]) - {1}) * sweep["n_seed"]
     counts = job_counts(result.stdout)
     # every synthetic set is synthesised, or cut from its method's largest budget (nested budget sets)
-    assert counts["synthesize"] + counts.get("budget_prefix", 0) == 3 * len(methods) + extra
+    assert counts["synthesize"] + counts.get("budget_prefix", 0) == n_seed * len(methods) * len(generators) + extra
 
 
 def test_paper_preset_dry_runs_on_placeholder_datasets(tmp_path):
@@ -264,3 +267,28 @@ def test_snakemake_profile_slurm_finds_the_profile_make_slurm_profile_installs(t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Using profiles slurm" in result.stdout + result.stderr
     assert re.search(r"^synthesize\s+\d+$", result.stdout, flags=re.M)
+
+
+@pytest.mark.slow
+def test_law_tables_and_figure_run_end_to_end(tmp_path):
+    """tests/config/law.yaml over e2e.yaml: generators trained with each weighting, LAW's tables and figure."""
+    shutil.copy(E2E_CONFIG, tmp_path / "config.yaml")
+    shutil.copy(REPO / "tests" / "config" / "law.yaml", tmp_path / "law.yaml")
+    run = snakemake("--configfile", "config.yaml", "law.yaml", "--cores", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    tables = tmp_path / "results" / "tables"
+    synthesis = pd.read_parquet(tables / "law_synthesis.parquet")
+    assert list(dict.fromkeys(synthesis["row"])) == ["Uniform", "Adaptive Distillation", "LAW"]
+    assert synthesis.loc[synthesis["metric"] == "fid", "value"].notna().all()
+    downstream = pd.read_parquet(tables / "law_downstream.parquet")
+    assert list(dict.fromkeys(downstream["row"])) == ["Real only", "+ Uniform", "+ Adaptive Distillation", "+ LAW"]
+    assert downstream["value"].between(0, 1).all()
+    ablation = pd.read_parquet(tables / "law_ablation.parquet")
+    assert set(ablation["stability"]) <= {"stable", "diverged", "collapsed", "unstable"}
+    assert "| mni152 | LAW |" in (tables / "law_ablation.md").read_text()
+    assert (tmp_path / "results" / "figures" / "law_weights_mni152.png").stat().st_size > 0
+    generators = tmp_path / "results" / "mni152" / "generators"
+    law = json.loads((generators / "tiny-law" / "train_stats.json").read_text())["weighting"]
+    assert law["kind"] == "law" and law["dice_weight"] == 1.0 and 0 < law["delta_mean"] < 1
+    nodice = json.loads((generators / "tiny-law-nodice" / "train_stats.json").read_text())["weighting"]
+    assert nodice["dice_weight"] == 0.0

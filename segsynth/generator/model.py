@@ -234,11 +234,15 @@ class MaskToImageGenerator(torch.nn.Module):
         return (latent * self.vae.config.scaling_factor).to(images.dtype)
 
     # -- persistence ------------------------------------------------------------------------------------------
-    def save(self, directory, stats: dict | None = None) -> None:
-        """Write every part in diffusers' ``save_pretrained`` layout (and training ``stats``), atomically."""
+    def save(self, directory, stats: dict | None = None, extra_modules: dict | None = None) -> None:
+        """Write every part in diffusers' ``save_pretrained`` layout (and training ``stats``), atomically.
+        ``extra_modules`` (name → module) are training companions kept beside it as ``<name>.pt`` state dicts
+        (LAW's φ, for its figure); loading the generator ignores them."""
         with atomic_dir(directory) as tmp:
             if stats is not None:
                 write_json(tmp / "train_stats.json", stats)
+            for name, module in (extra_modules or {}).items():
+                torch.save(module.state_dict(), tmp / f"{name}.pt")
             self.unet.save_pretrained(tmp / "unet")
             if self.controlnet is not None:
                 self.controlnet.save_pretrained(tmp / "controlnet")

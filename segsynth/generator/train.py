@@ -3,7 +3,9 @@
 With a pretrained Stable Diffusion the UNet, VAE and text encoder stay frozen and only the ControlNet learns;
 a tiny generator trains its UNet, ControlNet (if it has one) and prompt embedding together, from random weights
 or from its ``init`` checkpoint. Loss: MSE on the network's target (ε, v or x0: the generator's
-``prediction_type``); the prompt is dropped to the unconditional one with probability ``prompt_dropout``, and
+``prediction_type``), spatially weighted by ``training.weighting`` (``segsynth.law``: uniform, the ArSDM
+ratio prior, Qiu et al.'s adaptive distillation or LAW; the teacher and LAW's φ train beside the generator,
+checkpoint with it and are not part of the sampler); the prompt is dropped to the unconditional one with probability ``prompt_dropout``, and
 the whole condition (mask and prompt) with probability ``mask_dropout``, so classifier-free guidance on the prompt
 and on the mask works at sampling time; optional Min-SNR-γ loss weighting. Resumable at every
 ``checkpoint_every`` steps; batches and noise come from ``(seed, step)``, so a resumed run matches an
@@ -19,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from ..data.canonical import load_split, read_meta
+from ..law import SpatialWeighting
 from ..precision import autocast, compute_dtype, configure, grad_scaler
 from ..training import Checkpointer, default_device, set_torch_threads, step_rng, step_torch_generator
 from .model import load_parts, build_generator
@@ -62,6 +64,8 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     for module in trainable:
         module.requires_grad_(True)
     params = [p for m in trainable for p in m.parameters()]
+    weighting = SpatialWeighting(generator, train_cfg).to(device)
+    companions = [m for m in (weighting.teacher, weighting.delta_net) if m is not None]
     configure(precision, device)
     dtype = compute_dtype(precision, device, cpu_autocast)
     cast_frozen = []
@@ -77,9 +81,14 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
             if module is not None and any(module is m for m in trainable):
                 module.enable_gradient_checkpointing()
 
-    optimizer = torch.optim.AdamW(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+    # the teacher and φ learn with the generator's optimiser; the EMA (what is saved) covers the generator only
+    companion_params = [p for m in companions for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params + companion_params, lr=train_cfg["lr"],
+                                  weight_decay=train_cfg["weight_decay"])
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=train_cfg["warmup_steps"])
     objects = {"trainable": torch.nn.ModuleList(trainable), "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+    if companions:
+        objects["weighting"] = weighting
     scaler = grad_scaler(dtype, device)
     if scaler.is_enabled():  # float16: the loss scale resumes too
         objects["scaler"] = scaler
@@ -98,7 +107,9 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     images_all = torch.from_numpy(np.ascontiguousarray(data.images)) * 2 - 1
     masks_all = torch.from_numpy(np.ascontiguousarray(data.masks))
     generator.train()
+    weighting.train()
     losses, pending = [], []
+    weight_stats: dict[str, list] = {}
     began = time.time()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="generator", mininterval=10):
         idx = step_rng(seed, step).integers(0, len(images_all), size=batch_size)
@@ -135,7 +146,10 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
         with autocast(dtype, device):
             output = generator.model_output(x_t, t, cond_image, prompt)
         target = generator.training_target(x0, noise, t)
-        loss = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
+        with autocast(dtype, device):
+            loss, batch_stats = weighting(generator, output, target, x_t, t, cond_image, images, masks, prompt)
+        for key, value in batch_stats.items():
+            weight_stats.setdefault(key, []).append(value)
         if train_cfg.get("snr_gamma"):
             # Min-SNR-γ weighting (Hang et al. 2023, as in diffusers' training examples): min(SNR, γ) over the
             # target's own SNR weight: SNR for ε, SNR + 1 for v, 1 for x0.
@@ -145,7 +159,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
         loss = loss.mean()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, train_cfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(params + companion_params, train_cfg["grad_clip"])
         scaler.step(optimizer)
         scaler.update()
         lr_scheduler.step()
@@ -177,7 +191,27 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     generator.eval()
     stats = {"steps": steps, "resumed_from": start, "seconds": round(time.time() - began, 2),
              "final_loss": float(np.mean(losses[-50:])) if losses else None,
-             "trainable_parameters": sum(p.numel() for p in params)}
-    generator.save(out_dir, stats=stats)
+             "trainable_parameters": sum(p.numel() for p in params),
+             "weighting": weighting_summary(weighting, losses, weight_stats)}
+    extra = {}
+    if weighting.delta_net is not None:
+        extra["law_delta_net"] = weighting.delta_net.to("cpu")
+    generator.save(out_dir, stats=stats, extra_modules=extra)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return stats
+
+
+def weighting_summary(weighting: SpatialWeighting, losses: list, weight_stats: dict) -> dict:
+    """What the stability column of the LAW ablation reads: the weighting's settings, whether every loss of the
+    run was finite, the loss's first and last 50-step means, and per weight statistic its value over the last 50
+    steps of this process (a resumed run's earlier steps are in its checkpoint's log, not here)."""
+    finite = [value for value in losses if np.isfinite(value)]
+    summary = {"kind": weighting.kind, **({k: v for k, v in weighting.opts.items() if k != "weighting"}
+                                          if weighting.kind != "uniform" else {}),
+               "losses_finite": len(finite) == len(losses),
+               "first_loss": float(np.mean(finite[:50])) if finite else None,
+               "last_loss": float(np.mean(finite[-50:])) if finite else None}
+    for key, values in weight_stats.items():
+        tail = torch.stack(values[-50:]).float().cpu().numpy()
+        summary[key] = float(tail.mean())
+    return summary

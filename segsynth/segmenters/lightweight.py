@@ -205,12 +205,13 @@ class MKUNetNetwork(nn.Module):
     Encoder stage i: MKIR(c_{i-1} → c_i) then 2×2 max pooling, so with n stages the skip of stage i sits
     at 1/2^{i+1} resolution and the bottleneck at 1/2^n. Decoder stage j (from the bottleneck): MKIR
     narrowing to the next skip's width, bilinear ×2, ReLU, then skip fusion; a last MKIR(c_0 → c_0)
-    stage returns to full resolution before the 1×1 head. ``attention_stages`` counts skips from the
-    full-resolution end: 2 means the final two decoder stages (skips of encoder stages 0 and 1).
+    stage returns to full resolution before the 1×1 head. ``attention_stages`` numbers skips from the
+    full-resolution end, as the ORDER paper numbers decoder stages: (0, 1) are the final two decoder stages
+    (skips of encoder stages 0 and 1), the paper's choice; an empty tuple is MK-UNet.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int], attention_stages: int = 0,
-                 attention_dim: int = 64, heads: int = 1, grid: int = 32):
+    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int],
+                 attention_stages: Sequence[int] = (), attention_dim: int = 64, heads: int = 1, grid: int = 32):
         super().__init__()
         channels = list(channels)
         widths = [in_channels, *channels]
@@ -221,7 +222,7 @@ class MKUNetNetwork(nn.Module):
         skip_widths = channels[-2::-1]  # widths of the skips in decoder order (deepest first)
         n_skips = len(skip_widths)
         self.fusions = nn.ModuleList(
-            BidirectionalSkipAttention(width, attention_dim, heads, grid) if j >= n_skips - attention_stages
+            BidirectionalSkipAttention(width, attention_dim, heads, grid) if n_skips - 1 - j in set(attention_stages)
             else AdditiveSkip()
             for j, width in enumerate(skip_widths))
         self.head = nn.Conv2d(channels[0], num_classes, 1)
@@ -256,22 +257,26 @@ class MKUNet(TorchSegmenter):
     kind = "mk_unet"
     DEFAULT_CHANNELS = (4, 8, 16, 24, 32)
     NETWORK_KEYS: tuple[str, ...] = ("channels",)
-    #: the number of highest-resolution skips fused with bidirectional attention (ORDER sets 2)
-    ATTENTION_STAGES = 0
+    #: the skips fused with bidirectional attention, numbered from the full-resolution end (ORDER: 0 and 1)
+    ATTENTION_STAGES: tuple[int, ...] = ()
 
     def __init__(self, cfg: dict, in_channels: int, num_classes: int,
                  class_names: Sequence[str] | None = None, device: str | torch.device | None = None):
         super().__init__(cfg, in_channels, num_classes, class_names, device)
         check_network_cfg(self.kind, self.cfg, self.NETWORK_KEYS)
         self.channels = positive_int_list(self.kind, "channels", self.cfg.get("channels", list(self.DEFAULT_CHANNELS)),
-                                          min_items=max(2, self.ATTENTION_STAGES + 1))
+                                          min_items=2)
+        self.attention_stages = self._attention_stages()
+
+    def _attention_stages(self) -> tuple[int, ...]:
+        return self.ATTENTION_STAGES
 
     def _network_kwargs(self) -> dict:
         return {}
 
     def build_network(self) -> torch.nn.Module:
         return MKUNetNetwork(self.in_channels, self.num_classes, self.channels,
-                             attention_stages=self.ATTENTION_STAGES, **self._network_kwargs())
+                             attention_stages=self.attention_stages, **self._network_kwargs())
 
     @property
     def size_divisor(self) -> int:
@@ -283,7 +288,9 @@ class ORDER(MKUNet):
 
     The final two skip fusions use ``BidirectionalSkipAttention`` (one shared similarity matrix S for
     both directions, a sigmoid confidence gate scaling both residual updates, fused skip d' + e'); the
-    others stay additive. Config keys: ``channels`` (as MK-UNet), ``attention_dim`` (Q/K width, default
+    others stay additive. Config keys: ``channels`` (as MK-UNet), ``attention_stages`` (which skips attend,
+    numbered from the full-resolution end as the paper numbers decoder stages: default [0, 1], the paper's;
+    ``all``; [] is MK-UNet: the paper's Tables 5–6), ``attention_dim`` (Q/K width, default
     64), ``attention_heads`` (default 1; must divide ``attention_dim`` and the two attended widths) and
     ``attention_grid`` (default 32: stages larger than grid × grid are pooled for the attention).
     The defaults give ≈41K parameters for 1 or 3 input channels, against the paper's 42K. The paper's
@@ -291,8 +298,8 @@ class ORDER(MKUNet):
     """
 
     kind = "order"
-    NETWORK_KEYS = ("channels", "attention_dim", "attention_heads", "attention_grid")
-    ATTENTION_STAGES = 2
+    NETWORK_KEYS = ("channels", "attention_stages", "attention_dim", "attention_heads", "attention_grid")
+    ATTENTION_STAGES = (0, 1)
     DEFAULTS = {"attention_dim": 64, "attention_heads": 1, "attention_grid": 32}
 
     def __init__(self, cfg: dict, in_channels: int, num_classes: int,
@@ -301,12 +308,23 @@ class ORDER(MKUNet):
         settings = {key: positive_int(self.kind, key, self.cfg.get(key, default))
                     for key, default in self.DEFAULTS.items()}
         heads = settings["attention_heads"]
-        for key, width in (("attention_dim", settings["attention_dim"]), ("channels", self.channels[0]),
-                           ("channels", self.channels[1])):
+        for key, width in (("attention_dim", settings["attention_dim"]),
+                           *(("channels", self.channels[i]) for i in self.attention_stages)):
             if width % heads:
                 raise ConfigError(f"{self.kind}.attention_heads",
                                   f"{heads} heads do not divide {key} width {width}")
         self.attention = settings
+
+    def _attention_stages(self) -> tuple[int, ...]:
+        n_skips = len(self.channels) - 1
+        value = self.cfg.get("attention_stages", list(self.ATTENTION_STAGES))
+        if value == "all":
+            return tuple(range(n_skips))
+        if (not isinstance(value, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in value)
+                or any(not 0 <= i < n_skips for i in value) or len(set(value)) != len(value)):
+            raise ConfigError(f"{self.kind}.attention_stages", f"expected 'all' or distinct skip indices in "
+                              f"0..{n_skips - 1} (0 = the full-resolution end), got {value!r}")
+        return tuple(sorted(value))
 
     def _network_kwargs(self) -> dict:
         return {"attention_dim": self.attention["attention_dim"], "heads": self.attention["attention_heads"],
