@@ -155,14 +155,11 @@ def _save_png(fig: Figure, out_png) -> None:
         fig.savefig(tmp, format="png", dpi=150)
 
 
-def law_weight_figure(generator_dir, data_dir, out_png, n: int = 6, timestep: int = 500) -> None:
-    """LAW's weights over ``n`` training masks (the paper's Figs. 4 and 8): rows the real image, its mask, the
-    ratio prior (mean-normalised), the learned δ ∈ [0, 1] and the final clamped weights, at ``timestep``."""
-    from .data.canonical import read_meta
-    from .law import law_maps
-
-    maps = law_maps(generator_dir, data_dir, n=n, timestep=timestep)
-    class_names = read_meta(data_dir)["class_names"]
+def law_weight_figure(maps: dict, class_names: list[str], out_png) -> None:
+    """LAW's weights over a few training masks (the paper's Figs. 4 and 8) from ``segsynth.law.law_maps``:
+    rows the real image, its mask, the ratio prior (mean-normalised), the learned δ ∈ [0, 1] and the final
+    clamped weights, at one timestep. (The maps come from a trained generator in the PyTorch env; drawing them
+    needs no PyTorch.)"""
     rows = ["real image", "mask", "ratio prior w/mean", "learned δ", "final weight"]
     columns = len(maps["sample_ids"])
     fig = Figure(figsize=(PANEL_INCHES * columns + 1.0, PANEL_INCHES * len(rows)), layout="constrained")

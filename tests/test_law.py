@@ -157,3 +157,20 @@ def test_training_with_each_weighting_runs_and_resumes(tmp_path, tiny_data, tiny
         assert 0 < saved["delta_mean"] < 1 and saved["weight_max"] <= LAW_DEFAULTS["w_max"]
     else:
         assert not (tmp_path / "straight" / "law_delta_net.pt").exists()
+
+
+def test_law_trains_a_stable_diffusion_controlnet_at_latent_resolution(tmp_path, tiny_data, tiny_generator_cfg):
+    from test_generator import _save_tiny_stable_diffusion
+
+    sd = _save_tiny_stable_diffusion(tmp_path / "tiny-sd")
+    cfg = dict(tiny_generator_cfg, pretrained=str(sd))
+    del cfg["unet"]
+    cfg["training"] = dict(cfg["training"], train_unet=False, weighting="law")
+    stats = train_generator(cfg, tiny_data, tmp_path / "gen", seed=0)
+    # the student's trainable part is the ControlNet alone; the teacher and φ train beside it, unsaved
+    gen = MaskToImageGenerator.load(tmp_path / "gen")
+    assert stats["trainable_parameters"] == sum(p.numel() for p in gen.controlnet.parameters())
+    assert gen.controlnet.config["conditioning_channels"] == gen.num_classes  # the student's, not the teacher's
+    assert stats["weighting"]["losses_finite"] and 0 < stats["weighting"]["delta_mean"] < 1
+    weighting = SpatialWeighting(gen, {"weighting": "law"})
+    assert weighting.teacher.controlnet_cond_embedding.conv_in.in_channels == gen.num_classes + gen.channels
