@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     generator.train()
     weighting.train()
     losses, pending = [], []
-    weight_stats: dict[str, list] = {}
+    weight_stats: dict[str, deque] = {}  # per statistic its last 50 steps: all the summary reads
     began = time.time()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="generator", mininterval=10):
         idx = step_rng(seed, step).integers(0, len(images_all), size=batch_size)
@@ -149,7 +150,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
         with autocast(dtype, device):
             loss, batch_stats = weighting(generator, output, target, x_t, t, cond_image, images, masks, prompt)
         for key, value in batch_stats.items():
-            weight_stats.setdefault(key, []).append(value)
+            weight_stats.setdefault(key, deque(maxlen=50)).append(value)
         if train_cfg.get("snr_gamma"):
             # Min-SNR-γ weighting (Hang et al. 2023, as in diffusers' training examples): min(SNR, γ) over the
             # target's own SNR weight: SNR for ε, SNR + 1 for v, 1 for x0.
@@ -212,6 +213,6 @@ def weighting_summary(weighting: SpatialWeighting, losses: list, weight_stats: d
                "first_loss": float(np.mean(finite[:50])) if finite else None,
                "last_loss": float(np.mean(finite[-50:])) if finite else None}
     for key, values in weight_stats.items():
-        tail = torch.stack(values[-50:]).float().cpu().numpy()
+        tail = torch.stack(list(values)).float().cpu().numpy()
         summary[key] = float(tail.mean())
     return summary
