@@ -5,7 +5,7 @@ from pathlib import Path
 
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
                              canonical, check_references, dataset_sources, method_params, miner_schedule, science,
-                             subset_name, used_methods, weight_sources)
+                             subset_name, used_methods, victr_source, weight_sources)
 from segsynth.provenance import code_version
 
 check_references(config)
@@ -21,6 +21,7 @@ SUBSETS = ANALYSES.get("subsets")
 SYNTHETIC_ONLY = ANALYSES.get("synthetic_only")
 LAW = ANALYSES.get("law")
 ORDER_ABLATION = ANALYSES.get("order")
+VICTR_TABLES = ANALYSES.get("victr")
 # Synthesis jobs exist for configured methods only; other names under synthetic/ are adversariality subsets.
 SYNTHESIZED = "|".join(re.escape(m) for m in sorted(config["methods"], key=len, reverse=True))
 # Nested budget sets: on the sweep's seeds, a swept method's smaller budgets are prefixes of its largest
@@ -29,6 +30,10 @@ BUDGET_SOURCES = budget_sources(config)
 BUDGET_SEEDS = budget_seeds(config)
 PREFIXED = "|".join(re.escape(m) for m in sorted(BUDGET_SOURCES, key=len, reverse=True)) or "(?!)"
 PREFIX_SEEDS = "|".join(str(s) for s in BUDGET_SEEDS) or "(?!)"
+# File names that join two names with "_" (results/figures/samples_{dataset}_{generator}.png) split only at a
+# configured dataset and generator, so names that themselves contain "_" stay unambiguous.
+DATASET_NAMES = "|".join(re.escape(d) for d in sorted(config["datasets"], key=len, reverse=True))
+GENERATOR_NAMES = "|".join(re.escape(g) for g in sorted(config["generators"], key=len, reverse=True))
 
 
 wildcard_constraints:
@@ -237,7 +242,31 @@ def analysis_outputs():
             outputs += expand("results/figures/law_weights_{dataset}.png", dataset=RUN["datasets"])
     if ORDER_ABLATION:
         outputs += ["results/tables/order_ablation.parquet", "results/tables/order_ablation.md"]
+    if VICTR_TABLES:
+        outputs += [f"results/tables/{name}.{ext}" for name in victr_table_names() for ext in ("parquet", "md")]
     return outputs
+
+
+def victr_table_names():
+    return ["victr_synthesis", "victr_downstream"] + (["victr_ablation"] if VICTR_TABLES.get("ablation") else [])
+
+
+def victr_settings():
+    """What the ViCTr tables need beyond their input files: the rows, each method's sampling steps, the
+    downstream segmenter, and whether labels carry the generator."""
+    rows = {**VICTR_TABLES["synthesis"], **(VICTR_TABLES.get("ablation") or {})}
+    return {"segmenter": VICTR_TABLES.get("segmenter") or RUN["segmenters"][0],
+            "synthesis": dict(VICTR_TABLES["synthesis"]), "ablation": dict(VICTR_TABLES.get("ablation") or {}),
+            "steps": {r["method"]: method_params(config, RUN["datasets"][0], r["method"])["steps"]
+                      for r in rows.values()},
+            "labelled": len(RUN["generators"]) > 1}
+
+
+def victr_benchmarks():
+    """Each ViCTr row's synthesis benchmark files (their wall seconds give the seconds per image)."""
+    rows = {**VICTR_TABLES["synthesis"], **(VICTR_TABLES.get("ablation") or {})}
+    return {f"{d}/{r['generator']}/{r['method']}/seed{s}": f"benchmarks/{d}/synthetic/{r['generator']}/{r['method']}/seed{s}.tsv"
+            for d in RUN["datasets"] for r in rows.values() for s in SEEDS}
 
 
 def law_generators():
@@ -294,6 +323,9 @@ def benchmark_files():
     datasets = RUN["datasets"]
     files = {f"benchmarks/{d}/splits.tsv" for d in datasets}
     files |= {f"benchmarks/{d}/generators/{g}.tsv" for d in datasets for g in RUN["generators"]}
+    # a ViCTr generator's Stage-1 dataset is split for it alone
+    sources = {(config["generators"][g].get("victr") or {}).get("source") for g in RUN["generators"]} - {None}
+    files |= {f"benchmarks/{source}/splits.tsv" for source in sources}
     segmenters = set(RUN["segmenters"]) | {RUN["value_segmenter"]} | ({RUN.get("adherence_judge")} - {None})
     files |= {f"benchmarks/{d}/segmenters/{s}/real.tsv" for d in datasets for s in segmenters}
     files |= {f"benchmarks/{d}/eval/{s}/real.tsv" for d in datasets for s in RUN["segmenters"]}

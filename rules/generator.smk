@@ -1,8 +1,10 @@
 rule train_generator:
-    """Fine-tune the mask-to-image ControlNet generator (tiny random-init, or from_pretrained SD)."""
+    """Fine-tune the mask-to-image ControlNet generator (tiny random-init, or from_pretrained SD), or train a ViCTr
+    flow generator (Stage 1 on its source dataset's splits, Stage 2 on this dataset's)."""
     input:
         data="results/{dataset}/data",
         weights=lambda wc: weight_sources(config["generators"][wc.generator]),
+        source=lambda wc: victr_source(config["generators"][wc.generator]),
     output:
         directory("results/{dataset}/generators/{generator}"),
     # Params are what decides the result (Snakemake's rerun triggers): the job reads the whole entry, runtime

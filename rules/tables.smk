@@ -152,6 +152,9 @@ rule sample_figure:
     params:
         code=code("sample_figure"),
         methods=RUN["methods"],
+    wildcard_constraints:
+        dataset=DATASET_NAMES,
+        generator=GENERATOR_NAMES,
     log:
         "logs/figures/samples_{dataset}_{generator}.log",
     conda:
@@ -203,6 +206,9 @@ rule value_figure:
     params:
         code=code("value_figure"),
         sets=[(m, s) for m in RUN["methods"] for s in SEEDS],
+    wildcard_constraints:
+        dataset=DATASET_NAMES,
+        generator=GENERATOR_NAMES,
     log:
         "logs/figures/values_{dataset}_{generator}.log",
     conda:
@@ -383,6 +389,39 @@ if LAW:
             torch_env()
         script:
             "../scripts/law_figure.py"
+
+
+if VICTR_TABLES:
+
+    localrules:
+        victr_tables,
+
+    rule victr_tables:
+        """ViCTr's Tables 2-4: each row's (generator, method) sets, their fidelity and seconds per image, the
+        downstream segmenter's Dice and HD95 — views over the DAG's own tables and benchmark files."""
+        input:
+            fidelity="results/tables/fidelity.parquet",
+            main="results/tables/main.parquet",
+            benchmarks=list(victr_benchmarks().values()),
+        output:
+            **{f"{name}_{ext}": f"results/tables/{name}.{ext}" for name in victr_table_names()
+               for ext in ("parquet", "md") if (name, ext) != ("victr_synthesis", "md")},
+            victr_synthesis_md=report(
+                "results/tables/victr_synthesis.md",
+                caption="../report/victr.rst",
+                category="ViCTr",
+                labels={"table": "ViCTr synthesis (Table 2)"},
+            ),
+        params:
+            code=code("victr_tables"),
+            settings=victr_settings(),
+            benchmark_files=victr_benchmarks(),
+        log:
+            "logs/tables/victr.log",
+        conda:
+            "../envs/tables.yaml"
+        script:
+            "../scripts/victr_tables.py"
 
 
 if ORDER_ABLATION:

@@ -1,14 +1,30 @@
 from segsynth.generator.train import train_generator
+from segsynth.victr import train_victr
 from segsynth.workflow import run_logged
 
-run_logged(
-    snakemake,
-    train_generator,
-    cfg=snakemake.config["generators"][snakemake.wildcards.generator],  # params.generator without runtime keys
-    data_dir=snakemake.input.data,
-    out_dir=snakemake.output[0],
-    seed=snakemake.params.seed,
-    prompt_template=snakemake.params.prompt_template,
-    threads=snakemake.threads,
-    precision=snakemake.params.precision,
-)
+cfg = snakemake.config["generators"][snakemake.wildcards.generator]  # params.generator without runtime keys
+if "victr" in cfg:
+    source = snakemake.input.source
+    run_logged(
+        snakemake,
+        train_victr,
+        cfg=cfg,
+        source_dir=source[0] if len(source) else None,
+        data_dir=snakemake.input.data,
+        out_dir=snakemake.output[0],
+        seed=snakemake.params.seed,
+        prompt_template=snakemake.params.prompt_template,
+        threads=snakemake.threads,
+    )
+else:
+    run_logged(
+        snakemake,
+        train_generator,
+        cfg=cfg,
+        data_dir=snakemake.input.data,
+        out_dir=snakemake.output[0],
+        seed=snakemake.params.seed,
+        prompt_template=snakemake.params.prompt_template,
+        threads=snakemake.threads,
+        precision=snakemake.params.precision,
+    )

@@ -94,9 +94,31 @@ def check_references(config: dict) -> None:
         figure = law.get("figure")
         if figure and config["generators"][figure]["training"].get("weighting", "uniform") != "law":
             raise ConfigError("analyses.law.figure", f"generator {figure!r} is not trained with weighting: law")
+    victr = analyses.get("victr")
+    if victr:
+        for table in ("synthesis", "ablation"):
+            for label, row in (victr.get(table) or {}).items():
+                if row["generator"] not in run["generators"]:
+                    raise ConfigError(f"analyses.victr.{table}", f"row {label!r}: generator {row['generator']!r} "
+                                      f"is not in run.generators {run['generators']}")
+                if row["method"] not in run["methods"]:
+                    raise ConfigError(f"analyses.victr.{table}", f"row {label!r}: method {row['method']!r} is not "
+                                      f"in run.methods {run['methods']}")
+        if victr.get("segmenter") and victr["segmenter"] not in run["segmenters"]:
+            raise ConfigError("analyses.victr.segmenter", f"{victr['segmenter']!r} is not in run.segmenters")
     for segmenter in ((analyses.get("order") or {}).get("segmenters") or {}).values():
         if segmenter not in run["segmenters"]:
             raise ConfigError("analyses.order.segmenters", f"{segmenter!r} is not in run.segmenters")
+    for name in run["generators"]:
+        entry = config["generators"][name]
+        if "victr" not in entry:
+            continue
+        source = entry["victr"].get("source")
+        if source is not None and source not in config["datasets"]:
+            raise ConfigError(f"generators.{name}.victr.source", f"{source!r} is not defined under 'datasets'")
+        if entry["training"].get("weighting", "uniform") != "uniform":
+            raise ConfigError(f"generators.{name}.training.weighting", "a ViCTr generator trains with its own "
+                              "losses (generators.*.victr.losses); LAW's weightings are for the diffusion generators")
     for dataset in run["datasets"]:
         miner_schedule(config, dataset)
 
@@ -345,6 +367,12 @@ def generator_init_path(value: str) -> Path:
     """A generator entry's ``init``: the name of a checkpoint shipped in ``segsynth/pretrained/`` or a path."""
     shipped = SHIPPED_GENERATORS / value
     return shipped if "/" not in value and shipped.is_dir() else Path(value).expanduser()
+
+
+def victr_source(entry: dict) -> list[str]:
+    """A ViCTr generator's Stage-1 dataset splits (the train_generator job's extra input), or nothing."""
+    source = (entry.get("victr") or {}).get("source")
+    return [f"results/{source}/data"] if source else []
 
 
 def weight_sources(entry: dict) -> list[str]:

@@ -150,6 +150,8 @@ METRICS_S_PER_CLASS = 0.025
 #: A generator step with LAW's or adaptive distillation's teacher against a plain one (two trained networks'
 #: forward and backward passes instead of one; with a frozen SD UNet the ControlNets dominate either way).
 TEACHER_STEP_FACTOR = 2.0
+#: ViCTr's Stage 2 step over a plain one: two extra forward passes (base model, earlier σ) of ⅓ step each
+VICTR_STAGE2_FACTOR = 1.67
 #: Mask adherence: f_θ forward and Dice per synthetic image.
 ADHERENCE_S_PER_IMAGE = 0.005
 #: fidelity (segsynth.fidelity) per image, real and synthetic: the bilinear resize to 299² and the 8-bit rounding
@@ -416,6 +418,13 @@ def generator_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
         # the privileged teacher (segsynth.law): a second forward and backward pass of the trained network
         step *= TEACHER_STEP_FACTOR
     step /= PRECISION_SPEEDUP["training"][precision_of(config, scenario)]
+    if "victr" in entry:
+        # ViCTr (segsynth.victr): Stage 1's plain steps, then Stage 2's, each with the base model's and the
+        # earlier σ's forward passes of the consistency losses (a forward pass ≈ ⅓ of a training step)
+        stage1 = (entry["victr"].get("stage1") or {}).get("steps", 0) if entry["victr"].get("source") else 0
+        steps = stage1 + training["steps"]
+        return Cost("generator fine-tuning", ("train_generator", g), "step", steps,
+                    STARTUP_S["training"] + (stage1 + training["steps"] * VICTR_STAGE2_FACTOR) * step)
     return Cost("generator fine-tuning", ("train_generator", g), "step", training["steps"],
                 STARTUP_S["training"] + training["steps"] * step)
 

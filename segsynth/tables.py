@@ -498,6 +498,13 @@ def _set_label(generator: str, method: str, labelled: bool) -> str:
     return f"{generator}:{method}" if labelled else method
 
 
+def seed_summary(values: pd.Series) -> dict:
+    """A row table's cell: mean, sample std and count of one metric over synthesis seeds (NaNs dropped)."""
+    values = values.dropna()
+    return {"value": values.mean() if len(values) else float("nan"),
+            "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "n": int(len(values))}
+
+
 def training_stability(stats: dict) -> str:
     """The stability column of LAW's Table 4, read from a generator's ``train_stats.json`` ``weighting``
     summary: ``unstable`` (a non-finite loss), ``diverged`` (the last 50 steps' mean loss over twice the first
@@ -522,11 +529,7 @@ def law_tables(settings: dict, fidelity: pd.DataFrame, adherence: pd.DataFrame, 
     synthesis seeds, ``std`` their standard deviation, ``n`` the seeds). ``settings``: method, segmenter,
     synthesis and ablation (label → generator), labelled; ``generator_stats``: generator → its train_stats."""
     method, segmenter, labelled = settings["method"], settings["segmenter"], settings["labelled"]
-
-    def summarise(values: pd.Series) -> dict:
-        values = values.dropna()
-        return {"value": values.mean() if len(values) else float("nan"),
-                "std": values.std(ddof=1) if len(values) > 1 else float("nan"), "n": int(len(values))}
+    summarise = seed_summary
 
     def fidelity_rows(dataset, label, generator):
         label = _set_label(generator, method, labelled)
@@ -568,11 +571,12 @@ def law_tables(settings: dict, fidelity: pd.DataFrame, adherence: pd.DataFrame, 
             "law_ablation": pd.DataFrame(ablation)}
 
 
-#: LAW table columns: metric → (header, scale, decimals)
-LAW_COLUMNS = {"fid": ("FID", 1.0, 1), "kid_mean": ("KID ×10³", 1e3, 2), "domain_fid": ("Domain FID", 1.0, 3),
+#: The LAW and ViCTr tables' columns, in this order: metric → (header, scale, decimals)
+ROW_TABLE_COLUMNS = {"steps": ("Steps", 1.0, 0), "fid": ("FID", 1.0, 1), "kid_mean": ("KID ×10³", 1e3, 2),
+                     "domain_fid": ("Domain FID", 1.0, 3), "seconds_per_image": ("s / image", 1.0, 3),
                "adherence_dice": ("Adherence DSC (%) by f_θ", 100.0, 1),
                "judge_adherence_dice": ("Adherence DSC (%) by the judge", 100.0, 1),
-               "dice": ("mDice (%)", 100.0, 1), "iou": ("mIoU (%)", 100.0, 1)}
+               "dice": ("mDice (%)", 100.0, 1), "iou": ("mIoU (%)", 100.0, 1), "hd95": ("mHD95 (px)", 1.0, 2)}
 
 
 def _cell(value: float, std: float, scale: float, decimals: int) -> str:
@@ -583,17 +587,17 @@ def _cell(value: float, std: float, scale: float, decimals: int) -> str:
     return f"{value * scale:.{decimals}f} ± {std * scale:.{decimals}f}"
 
 
-def law_markdown(table: pd.DataFrame, caption: str, extra: tuple[str, ...] = ()) -> str:
+def row_table_markdown(table: pd.DataFrame, caption: str, extra: tuple[str, ...] = ()) -> str:
     """A long LAW table as markdown: a row per (dataset, row label), a column per metric (mean ± std over
     seeds), then the ``extra`` columns as they are."""
-    metrics = [m for m in LAW_COLUMNS if m in set(table["metric"])]
-    header = ["Dataset", "Row", *(LAW_COLUMNS[m][0] for m in metrics), *(e.capitalize() for e in extra)]
+    metrics = [m for m in ROW_TABLE_COLUMNS if m in set(table["metric"])]
+    header = ["Dataset", "Row", *(ROW_TABLE_COLUMNS[m][0] for m in metrics), *(e.capitalize() for e in extra)]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (dataset, row), group in table.groupby(["dataset", "row"], sort=False):
         cells = [dataset, row]
         for metric in metrics:
             hit = group[group["metric"] == metric]
-            cells.append(_cell(hit["value"].iloc[0], hit["std"].iloc[0], *LAW_COLUMNS[metric][1:]) if len(hit)
+            cells.append(_cell(hit["value"].iloc[0], hit["std"].iloc[0], *ROW_TABLE_COLUMNS[metric][1:]) if len(hit)
                          else "–")
         cells += [str(group[e].iloc[0]) for e in extra]
         lines.append("| " + " | ".join(cells) + " |")
@@ -627,7 +631,73 @@ def write_law_tables(settings: dict, fidelity_path, adherence_path, main_path, g
         write_parquet(Path(out_dir) / f"{name}.parquet", table)
         caption = LAW_CAPTIONS[name].format(**settings)
         write_text(Path(out_dir) / f"{name}.md",
-                   law_markdown(table, caption, ("stability",) if name == "law_ablation" else ()))
+                   row_table_markdown(table, caption, ("stability",) if name == "law_ablation" else ()))
+    return tables
+
+
+def victr_tables(settings: dict, fidelity: pd.DataFrame, main: pd.DataFrame, seconds: dict) -> dict[str, pd.DataFrame]:
+    """ViCTr's Tables 2, 3 and 4 in long form, a row per (dataset, row label) as the LAW tables. ``settings``:
+    segmenter, synthesis and ablation (label → {generator, method}), steps (method → sampling steps),
+    labelled; ``seconds``: "<dataset>/<generator>/<method>/seed<k>" → the synthesis job's wall seconds (its
+    benchmark file), divided by the set's size for the seconds per image."""
+    segmenter, labelled = settings["segmenter"], settings["labelled"]
+
+    def set_rows(dataset, row):
+        label = _set_label(row["generator"], row["method"], labelled)
+        sets = fidelity[(fidelity["dataset"] == dataset) & (fidelity["generator"] == row["generator"])
+                        & (fidelity["method"] == label)]
+        rows = [{"metric": "steps", "value": float(settings["steps"][row["method"]]), "std": float("nan"), "n": 1}]
+        rows += [{"metric": metric, **seed_summary(sets.loc[sets["metric"] == metric, "value"])}
+                 for metric in ("fid", "domain_fid")]
+        per_image = pd.Series([seconds[f"{dataset}/{row['generator']}/{row['method']}/seed{s}"] / n
+                               for s, n in sets.groupby("seed")["n_samples"].first().items()
+                               if f"{dataset}/{row['generator']}/{row['method']}/seed{s}" in seconds], dtype=float)
+        rows.append({"metric": "seconds_per_image", **seed_summary(per_image)})
+        return rows
+
+    def downstream_rows(dataset, row, metrics):
+        label = _set_label(row["generator"], row["method"], labelled)
+        runs = main[(main["dataset"] == dataset) & (main["segmenter"] == segmenter) & (main["method"] == label)
+                    & (main["class"] == "mean")]
+        return [{"metric": metric, "segmenter": segmenter, **seed_summary(runs.loc[runs["metric"] == metric, "value"])}
+                for metric in metrics]
+
+    synthesis, downstream, ablation = [], [], []
+    for dataset in dict.fromkeys(main["dataset"]):
+        for label, row in settings["synthesis"].items():
+            base = {"dataset": dataset, "row": label, **row}
+            synthesis += [{**base, **r} for r in set_rows(dataset, row)]
+            downstream += [{**base, **r} for r in downstream_rows(dataset, row, ("dice", "hd95"))]
+        for label, row in (settings.get("ablation") or {}).items():
+            base = {"dataset": dataset, "row": label, **row}
+            ablation += [{**base, **r} for r in set_rows(dataset, row) if r["metric"] in ("fid", "domain_fid")]
+            ablation += [{**base, **r} for r in downstream_rows(dataset, row, ("dice",))]
+    return {"victr_synthesis": pd.DataFrame(synthesis), "victr_downstream": pd.DataFrame(downstream),
+            "victr_ablation": pd.DataFrame(ablation)}
+
+
+VICTR_CAPTIONS = {
+    "victr_synthesis": ("ViCTr Table 2: each row's generator sampled by its method; FID and domain FID against "
+                        "the real training images (results/tables/fidelity.md says how) and the synthesis job's wall "
+                        "seconds per image, mean ± std over synthesis seeds; steps: the method's sampling steps."),
+    "victr_downstream": ("ViCTr Table 3: the {segmenter} segmenter trained on real + each row's set; test mDice (%) "
+                         "and mHD95 (px), mean ± std over synthesis seeds."),
+    "victr_ablation": ("ViCTr Table 4: the ablation's generators (Tweedie's correction, each loss term, the LoRA "
+                       "rank, Stage 1); FID and domain FID of their sets and the {segmenter} segmenter's test mDice "
+                       "on real + each set, mean ± std over synthesis seeds."),
+}
+
+
+def write_victr_tables(settings: dict, fidelity_path, main_path, benchmark_files: dict, out_dir) -> dict:
+    """The ViCTr tables as ``<out_dir>/<name>.parquet`` and ``.md``; ``benchmark_files``: set key → the
+    synthesis job's benchmark file (Snakemake's, column ``s``: wall seconds)."""
+    seconds = {key: float(pd.read_csv(path, sep="\t")["s"].iloc[-1]) for key, path in benchmark_files.items()}
+    tables = victr_tables(settings, pd.read_parquet(fidelity_path), pd.read_parquet(main_path), seconds)
+    for name, table in tables.items():
+        if table.empty:  # no ablation rows configured
+            continue
+        write_parquet(Path(out_dir) / f"{name}.parquet", table)
+        write_text(Path(out_dir) / f"{name}.md", row_table_markdown(table, VICTR_CAPTIONS[name].format(**settings)))
     return tables
 
 

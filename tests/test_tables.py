@@ -257,7 +257,7 @@ def test_figures_render_png(tmp_path, runs):
 
 
 def test_law_tables_are_views_over_the_dag_tables_per_generator():
-    from segsynth.tables import law_markdown, law_tables, training_stability
+    from segsynth.tables import row_table_markdown, law_tables, training_stability
 
     settings = {"method": "rd", "segmenter": "unet", "labelled": True,
                 "synthesis": {"Uniform": "g_u", "LAW": "g_l"}, "ablation": {"Raw": "g_r", "LAW": "g_l"}}
@@ -286,10 +286,51 @@ def test_law_tables_are_views_over_the_dag_tables_per_generator():
     assert set(ablation.loc[ablation["row"] == "Raw", "stability"]) == {"unstable"}
     assert set(ablation.loc[ablation["row"] == "LAW", "stability"]) == {"stable"}
     assert set(ablation["metric"]) == {"fid", "domain_fid", "dice"}
-    markdown = law_markdown(ablation, "caption", ("stability",))
+    markdown = row_table_markdown(ablation, "caption", ("stability",))
     assert "| d | LAW | 80.5 ± 0.7 | 80.500 ± 0.707 | 66.0 ± 0.0 | stable |" in markdown
     assert training_stability({"weighting": {"losses_finite": True, "first_loss": 0.1, "last_loss": 0.5}}) == "diverged"
     assert training_stability({"weighting": {"losses_finite": True, "at_w_min": 0.9}}) == "collapsed"
+
+
+def test_victr_tables_are_views_over_the_dag_tables_and_benchmarks(tmp_path):
+    from segsynth.tables import victr_tables, write_victr_tables
+
+    rows = {"DDIM, 16 steps": {"generator": "tiny", "method": "rd"},
+            "ViCTr, 1 step": {"generator": "victr", "method": "rd_1"}}
+    settings = {"segmenter": "unet", "labelled": True, "synthesis": rows,
+                "ablation": {"w/o Tweedie": {"generator": "victr-nt", "method": "rd_1"}},
+                "steps": {"rd": 16, "rd_1": 1}}
+    sets = [("tiny", "rd", 100.0), ("victr", "rd_1", 60.0), ("victr-nt", "rd_1", 70.0)]
+    fidelity = pd.DataFrame([{"dataset": "d", "generator": g, "method": f"{g}:{m}", "seed": seed, "metric": metric,
+                              "value": base + seed, "n_samples": 50, "n_real": 87}
+                             for g, m, base in sets for seed in (0, 1) for metric in ("fid", "kid_mean", "domain_fid")])
+    main = pd.DataFrame([{"dataset": "d", "segmenter": "unet", "method": f"{g}:{m}", "seed": seed, "class": "mean",
+                          "metric": metric, "value": value, "unit": "slice·px"}
+                         for g, m, _ in sets for seed in (0, 1) for metric, value in (("dice", 0.7), ("hd95", 3.0))])
+    # synthesis wall seconds: 16-step DDIM 20 s and 30 s for 50 images, the 1-step flow 2 s and 4 s
+    seconds = {"d/tiny/rd/seed0": 20.0, "d/tiny/rd/seed1": 30.0, "d/victr/rd_1/seed0": 2.0, "d/victr/rd_1/seed1": 4.0,
+               "d/victr-nt/rd_1/seed0": 2.0, "d/victr-nt/rd_1/seed1": 2.0}
+    tables = victr_tables(settings, fidelity, main, seconds)
+    synthesis = tables["victr_synthesis"].set_index(["row", "metric"])
+    assert synthesis.loc[("ViCTr, 1 step", "steps"), "value"] == 1
+    assert synthesis.loc[("ViCTr, 1 step", "fid"), "value"] == 60.5
+    assert synthesis.loc[("DDIM, 16 steps", "seconds_per_image"), "value"] == pytest.approx(0.5)
+    assert synthesis.loc[("ViCTr, 1 step", "seconds_per_image"), "value"] == pytest.approx(0.06)
+    downstream = tables["victr_downstream"].set_index(["row", "metric"])
+    assert downstream.loc[("ViCTr, 1 step", "hd95"), "value"] == 3.0
+    assert set(tables["victr_ablation"]["metric"]) == {"fid", "domain_fid", "dice"}
+    # through the files: benchmark TSVs as Snakemake writes them (column s), parquet and markdown out
+    fidelity.to_parquet(tmp_path / "fidelity.parquet")
+    main.to_parquet(tmp_path / "main.parquet")
+    files = {}
+    for key, value in seconds.items():
+        files[key] = tmp_path / f"{key.replace('/', '_')}.tsv"
+        files[key].write_text(f"s\th:m:s\tmax_rss\n{value}\t0:00:0{int(value)}\t100\n")
+    write_victr_tables(settings, tmp_path / "fidelity.parquet", tmp_path / "main.parquet", files, tmp_path / "out")
+    markdown = (tmp_path / "out" / "victr_synthesis.md").read_text()
+    assert "| d | ViCTr, 1 step | 1 | 60.5 ± 0.7 | 60.500 ± 0.707 | 0.060 ± 0.028 |" in markdown
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == [
+        "victr_ablation.parquet", "victr_downstream.parquet", "victr_synthesis.parquet"]
 
 
 def test_order_ablation_rows_come_from_the_segmenter_table():

@@ -292,3 +292,36 @@ def test_law_tables_and_figure_run_end_to_end(tmp_path):
     assert law["kind"] == "law" and law["dice_weight"] == 1.0 and 0 < law["delta_mean"] < 1
     nodice = json.loads((generators / "tiny-law-nodice" / "train_stats.json").read_text())["weighting"]
     assert nodice["dice_weight"] == 0.0
+
+
+def test_generator_names_with_underscores_get_their_own_figures(tmp_path):
+    """samples_{dataset}_{generator}.png splits at the configured names: a generator called tiny_long is the
+    generator tiny_long of dataset mni152, not generator "long" of a dataset "mni152_tiny"."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["generators"]["tiny_long"] = config["generators"]["tiny"]
+    config["run"]["generators"] = ["tiny", "tiny_long"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake("-n", "--configfile", str(path), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    assert counts["sample_figure"] == counts["value_figure"] == 2
+    assert "results/figures/samples_mni152_tiny_long.png" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_victr_generator_trains_in_two_stages_and_every_sampler_runs_on_it(tmp_path):
+    """tests/config/victr.yaml over e2e.yaml: Stage 1 on another dataset's splits, Stage 2 on the run's, RD and
+    the Miner (trained against the flow) from it, the downstream model and the main table."""
+    shutil.copy(E2E_CONFIG, tmp_path / "config.yaml")
+    shutil.copy(REPO / "tests" / "config" / "victr.yaml", tmp_path / "victr.yaml")
+    run = snakemake("--configfile", "config.yaml", "victr.yaml", "--cores", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = tmp_path / "results"
+    assert (results / "mni152_coronal" / "data").is_dir()  # Stage 1's dataset, built for the generator only
+    stats = json.loads((results / "mni152" / "generators" / "victr" / "train_stats.json").read_text())
+    assert stats["stage1"]["steps"] == 4 and stats["stage2"]["steps"] == 4 and stats["stage2"]["ewc_weight"] > 0
+    assert stats["tweedie"] is True and stats["stage2"]["lora_parameters"] > 0
+    main = pd.read_parquet(results / "tables" / "main.parquet")  # several generators: methods are generator:method
+    assert {"tiny:rd", "tiny:miner", "victr:rd", "victr:miner"} <= set(main["method"])
+    assert main.loc[main["method"].str.startswith("victr:"), "value"].notna().all()

@@ -102,6 +102,11 @@ class MaskToImageGenerator(torch.nn.Module):
     def sampling_scheduler(self) -> DDIMScheduler:
         """A DDIM scheduler with the training noise schedule (diffusers' ``from_config`` carries the betas); it
         reads ε, which ``predict_noise`` returns whatever the network predicts."""
+        if self.meta.get("flow"):
+            # a rectified flow (segsynth.victr): "trailing" spacing starts its first step at σ ≈ 1, so 1-4 steps
+            # integrate from pure noise (the default "leading" spacing would start 1 step at t = 0)
+            return DDIMScheduler.from_config(self.noise_scheduler.config, prediction_type="epsilon",
+                                             timestep_spacing="trailing")
         return DDIMScheduler.from_config(self.noise_scheduler.config, prediction_type="epsilon")
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
@@ -150,6 +155,8 @@ class MaskToImageGenerator(torch.nn.Module):
         """ε_φ(x_t, t | mask, prompt), whatever the network predicts: every sampler works in ε. A v- or
         x0-predicting network's output is converted with the training schedule's ᾱ_t (ε = √ᾱ v + √(1−ᾱ) x_t,
         ε = (x_t − √ᾱ x̂0)/√(1−ᾱ)), so DDIM's x̂0 from this ε is the network's own."""
+        if self.meta.get("flow"):
+            return self._flow_noise(x_t, t, cond_image, prompt)
         out = self.model_output(x_t, t, cond_image, prompt).to(x_t.dtype)  # schedulers work in float32 under autocast
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
@@ -159,6 +166,22 @@ class MaskToImageGenerator(torch.nn.Module):
         if kind == "v_prediction":
             return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x_t
         return (x_t - alpha_bar.sqrt() * out) / (1 - alpha_bar).sqrt()
+
+    def _flow_noise(self, x_t: torch.Tensor, t, cond_image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """A rectified-flow generator (segsynth.victr) served in ε at the timesteps of its reference
+        variance-preserving schedule: x_VP = √ᾱ·x0 + √(1−ᾱ)·ε is the flow's x_σ = (1 − σ)·x0 + σ·ε scaled by
+        √ᾱ + √(1−ᾱ), σ = √(1−ᾱ) / (√ᾱ + √(1−ᾱ)); both share ε, so DDIM on this schedule is the flow's Euler
+        sampler (on that σ grid) and every sampler, VGD and the Miner run on the flow unchanged."""
+        from ..victr import NUM_TRAIN_TIMESTEPS, noise_estimate, velocity_from_output
+
+        alpha_bar = self._alphas_cumprod(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
+        alpha_bar = alpha_bar.expand(len(x_t)) if alpha_bar.ndim == 0 else alpha_bar
+        scale = alpha_bar.sqrt() + (1 - alpha_bar).sqrt()
+        sigma = (1 - alpha_bar).sqrt() / scale
+        x_flow = x_t / scale.view(-1, *([1] * (x_t.ndim - 1)))
+        out = self.model_output(x_flow, sigma * NUM_TRAIN_TIMESTEPS, cond_image, prompt).to(x_t.dtype)
+        velocity = velocity_from_output(out, x_flow, sigma, self.meta["flow"]["tweedie"])
+        return noise_estimate(x_flow, velocity, sigma)
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What ``model_output`` is trained to match at (x0, ε, t): ε, v (diffusers' ``get_velocity``) or x0."""
