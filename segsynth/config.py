@@ -378,6 +378,11 @@ def victr_source(entry: dict) -> list[str]:
 def weight_sources(entry: dict) -> list[str]:
     """The pretrained weight files a generator or segmenter entry loads (see ``input_files``)."""
     paths = [p for p in (entry.get("pretrained"), entry.get("pretrained_swin")) if p]
+    dag_outputs = []
     if entry.get("init"):
-        paths.append(generator_init_path(entry["init"]))
-    return input_files(paths)
+        init = generator_init_path(entry["init"])
+        if not init.is_absolute() and init.parts[:1] == ("results",):
+            dag_outputs.append(str(init))  # another generator of the run: the DAG trains it first
+        else:
+            paths.append(init)
+    return dag_outputs + input_files(paths)

@@ -193,8 +193,12 @@ def test_mask_sources_and_the_continue_protocol_run_end_to_end(tmp_path):
         assert stats["n_val"] > 0 and stats["best_step"] in (2, 4)
 
 
-@pytest.mark.parametrize("preset", sorted(set((REPO / "presets").glob("*.yaml")) - {REPO / "presets" / "paper.yaml"}),
-                         ids=lambda p: p.stem)
+#: presets layered over another preset, not over config.yaml alone (tested with their base below)
+LAYERED_PRESETS = {REPO / "presets" / "law_kvasir.yaml"}
+
+
+@pytest.mark.parametrize("preset", sorted(set((REPO / "presets").glob("*.yaml")) - {REPO / "presets" / "paper.yaml"}
+                                          - LAYERED_PRESETS), ids=lambda p: p.stem)
 def test_every_preset_validates_and_dry_runs(tmp_path, preset):
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     result = snakemake("-n", "--configfile", str(tmp_path / "config.yaml"), str(preset), cwd=tmp_path,
@@ -325,3 +329,17 @@ def test_a_victr_generator_trains_in_two_stages_and_every_sampler_runs_on_it(tmp
     main = pd.read_parquet(results / "tables" / "main.parquet")  # several generators: methods are generator:method
     assert {"tiny:rd", "tiny:miner", "victr:rd", "victr:miner"} <= set(main["method"])
     assert main.loc[main["method"].str.startswith("victr:"), "value"].notna().all()
+
+
+def test_law_on_kvasir_fine_tunes_each_weighting_from_the_kvasir_generator_the_dag_trains_first(tmp_path):
+    """presets/law_kvasir.yaml over presets/kvasir.yaml: the law-* generators `init` from a DAG output, so the
+    Kvasir generator is a job of the run and every law-* training waits for it."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    result = snakemake("-n", "--configfile", "config.yaml", str(REPO / "presets" / "kvasir.yaml"),
+                       str(REPO / "presets" / "law_kvasir.yaml"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    assert counts["train_generator"] == 8 and counts["law_tables"] == 1
+    assert "output: results/kvasir/generators/tiny" in result.stdout
+    assert re.search(r"input: results/kvasir/data, results/kvasir/generators/tiny\n\s+output: "
+                     r"results/kvasir/generators/law-law", result.stdout)
