@@ -68,3 +68,29 @@ class Checkpointer:
         """Save after ``step`` completed steps when on the interval (the final step is saved by the caller's output)."""
         if self.every > 0 and step % self.every == 0 and step < total:
             self.save(step)
+
+
+class TrainingBatches:
+    """Seeded training batches of a split's arrays: images scaled to [-1, 1] and masks, the indices of step
+    ``s`` from ``step_rng(seed, s, stream)``, a horizontal flip with probability ½ drawn first from
+    ``step_torch_generator(seed, s, stream)``, which ``draw`` returns for the step's further noise — so a
+    resumed run draws what an uninterrupted one does."""
+
+    def __init__(self, data, hflip: bool, source=None):
+        if len(data.images) == 0:
+            from .errors import InputDataError
+
+            raise InputDataError(source or "training data", "the train split is empty")
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images)) * 2 - 1
+        self.masks = torch.from_numpy(np.ascontiguousarray(data.masks))
+        self.hflip = hflip
+
+    def draw(self, seed: int, step: int, batch_size: int, stream: int = 0):
+        idx = step_rng(seed, step, stream).integers(0, len(self.images), size=batch_size)
+        images, masks = self.images[idx], self.masks[idx]
+        g = step_torch_generator(seed, step, stream)
+        if self.hflip:
+            flip = torch.rand(batch_size, generator=g) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
+        return images, masks, g

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .data.canonical import load_split, read_meta
 from .errors import ConfigError
-from .training import Checkpointer, default_device, set_torch_threads, step_rng, step_torch_generator
+from .training import Checkpointer, TrainingBatches, default_device, set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -220,28 +220,6 @@ def _ssim_loss():
     return SSIMLoss(spatial_dims=2, data_range=2.0)  # images in [-1, 1]
 
 
-class _Batches:
-    """Seeded training batches of one split: (images in [-1, 1], masks), hflipped with probability ½."""
-
-    def __init__(self, data_dir, hflip: bool):
-        data = load_split(data_dir, "train")
-        if len(data.images) == 0:
-            raise ConfigError("generators.*.victr", f"{data_dir}: the train split is empty")
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images)) * 2 - 1
-        self.masks = torch.from_numpy(np.ascontiguousarray(data.masks))
-        self.hflip = hflip
-
-    def draw(self, seed: int, step: int, batch_size: int, stream: int):
-        idx = step_rng(seed, step, stream).integers(0, len(self.images), size=batch_size)
-        images, masks = self.images[idx], self.masks[idx]
-        g = step_torch_generator(seed, step, stream)
-        if self.hflip:
-            flip = torch.rand(batch_size, generator=g) < 0.5
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-            masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
-        return images, masks, g
-
-
 def stage_losses(generator, images, masks, g, device, opts: dict, weights: dict, base_estimate=None,
                  ewc: ElasticWeightConsolidation | None = None, ewc_params=None, ssim=None) -> dict:
     """Every loss term of one training batch (those with weight 0 not computed), in a dict with ``total``."""
@@ -352,38 +330,37 @@ def train_victr(cfg: dict, source_dir, data_dir, out_dir, seed: int, prompt_temp
     stage1_path = checkpoint_dir / "stage1.pt"
     done_steps = 0
     if source_dir is not None and stage1.get("steps", 0) > 0:
-        if stage1_path.exists():  # a resumed run whose Stage 1 had finished
-            generator.load_state_dict(torch.load(stage1_path, map_location="cpu", weights_only=False)["generator"])
-        else:
+        if not stage1_path.exists():
             trainable = list(modules.values()) + ([generator.prompt_embedding]
                                                   if generator.prompt_embedding is not None else [])
             generator.requires_grad_(False)
             for m in trainable:
                 m.requires_grad_(True)
             params = [p for m in trainable for p in m.parameters()]
-            result = _run_stage("stage1", generator, params, _Batches(source_dir, opts["hflip"]), stage1,
+            result = _run_stage("stage1", generator, params, TrainingBatches(load_split(source_dir, "train"), opts["hflip"], source_dir), stage1,
                                 stage1["losses"], opts, seed, device, checkpoint_dir / "stage1", ssim,
                                 stop_after=stop_after)
             if result.get("stopped"):
                 return result
             fisher_params = {f"{prefix}.{n}": p for prefix, m in modules.items() for n, p in m.named_parameters()
                              if _is_lora_target(n, opts["lora"]["target_modules"])}
-            fisher = estimate_fisher(fisher_params, _fisher_losses(generator, _Batches(source_dir, False), opts,
+            fisher = estimate_fisher(fisher_params, _fisher_losses(generator, TrainingBatches(load_split(source_dir, "train"), False, source_dir), opts,
                                                                   seed, device, stage1["batch_size"]))
             ewc = ElasticWeightConsolidation({k: p.detach() for k, p in fisher_params.items()}, fisher)
             summary = {**result, "fisher_mean": float(torch.cat([f.flatten() for f in fisher.values()]).mean())}
             with atomic_path(stage1_path) as tmp:
                 torch.save({"generator": generator.state_dict(), "ewc": ewc.state_dict(), "stats": summary}, tmp)
             shutil.rmtree(checkpoint_dir / "stage1", ignore_errors=True)
-        stats["stage1"] = torch.load(stage1_path, map_location="cpu", weights_only=False)["stats"]
+        stage1_state = torch.load(stage1_path, map_location="cpu", weights_only=False)
+        generator.load_state_dict(stage1_state["generator"])  # a no-op copy unless resuming after Stage 1
+        stats["stage1"] = stage1_state["stats"]
         done_steps = stage1["steps"]
 
     weights = dict(opts["losses"])
     ewc = None
     if weights.get("ewc"):
-        if stage1_path.exists():
-            ewc = ElasticWeightConsolidation.from_state_dict(
-                torch.load(stage1_path, map_location="cpu", weights_only=False)["ewc"])
+        if "stage1" in stats:
+            ewc = ElasticWeightConsolidation.from_state_dict(stage1_state["ewc"])
         else:
             weights["ewc"] = 0.0  # no Stage 1, no anchor: the penalty is off (the stats say so)
     lora = opts["lora"]
@@ -409,7 +386,7 @@ def train_victr(cfg: dict, source_dir, data_dir, out_dir, seed: int, prompt_temp
 
     stage2_stop = None if stop_after is None else stop_after - done_steps
     stage2 = opts["stage2"]
-    result = _run_stage("stage2", generator, params, _Batches(data_dir, opts["hflip"]), stage2, weights, opts, seed,
+    result = _run_stage("stage2", generator, params, TrainingBatches(load_split(data_dir, "train"), opts["hflip"], data_dir), stage2, weights, opts, seed,
                         device, checkpoint_dir / "stage2", ssim, base_estimate=base_estimate, ewc=ewc,
                         ewc_params=ewc_params, stop_after=stage2_stop)
     if result.get("stopped"):
@@ -436,7 +413,7 @@ def _is_lora_target(param_name: str, targets: list[str]) -> bool:
     return any(layer == t or layer.endswith(f".{t}") for t in targets)
 
 
-def _fisher_losses(generator, batches: _Batches, opts: dict, seed: int, device, batch_size: int):
+def _fisher_losses(generator, batches: TrainingBatches, opts: dict, seed: int, device, batch_size: int):
     """One Stage-1 flow loss per Fisher batch (stream 2 of the seed: other draws than training's)."""
     for i in range(opts["fisher_batches"]):
         images, masks, g = batches.draw(seed, i, batch_size, stream=2)
@@ -447,7 +424,7 @@ def _fisher_losses(generator, batches: _Batches, opts: dict, seed: int, device, 
         yield loss
 
 
-def _run_stage(name: str, generator, params, batches: _Batches, stage: dict, weights: dict, opts: dict, seed: int,
+def _run_stage(name: str, generator, params, batches: TrainingBatches, stage: dict, weights: dict, opts: dict, seed: int,
                device, checkpoint_dir: Path, ssim, base_estimate=None, ewc=None, ewc_params=None,
                stop_after: int | None = None) -> dict:
     """One stage's AdamW loop over ``params`` (cosine schedule, as the paper's both stages), resumable."""

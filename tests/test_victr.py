@@ -10,9 +10,11 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from conftest import TINY_GENERATOR, make_tiny_dataset
 from segsynth import victr
+from segsynth.data.canonical import load_split
 from segsynth.errors import ConfigError
 from segsynth.generator import MaskToImageGenerator, build_generator
 from segsynth.sampling.ddim import DDIMSampler
+from segsynth.training import TrainingBatches
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 VICTR = {**copy.deepcopy(TINY_GENERATOR), "conditioning": "concat",  # training: Stage 2, 4 steps, checkpoints every 2
@@ -109,7 +111,7 @@ def test_lora_trains_only_the_adapters_and_starts_at_the_base_model(tiny_data):
     assert params and all("lora_" in n for n, p in gen.unet.named_parameters() if p.requires_grad)
     weights = victr.effective_weights(gen.unet)
     assert weights and all(torch.equal(w, before[name]) for name, w in weights.items())  # B = 0 at the start
-    batches = victr._Batches(tiny_data, hflip=True)
+    batches = TrainingBatches(load_split(tiny_data, "train"), hflip=True)
     images, masks, g = batches.draw(0, 0, 4, stream=1)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     terms = victr.stage_losses(gen, images, masks, g, "cpu", victr.victr_options(VICTR), {"diffusion": 1.0})

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..data.canonical import load_split, read_meta
 from ..law import SpatialWeighting
 from ..precision import autocast, compute_dtype, configure, grad_scaler
-from ..training import Checkpointer, default_device, set_torch_threads, step_rng, step_torch_generator
+from ..training import Checkpointer, TrainingBatches, default_device, set_torch_threads
 from .model import load_parts, build_generator
 
 log = logging.getLogger(__name__)
@@ -105,22 +105,15 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
 
     steps, batch_size = train_cfg["steps"], train_cfg["batch_size"]
     scheduler = generator.noise_scheduler
-    images_all = torch.from_numpy(np.ascontiguousarray(data.images)) * 2 - 1
-    masks_all = torch.from_numpy(np.ascontiguousarray(data.masks))
+    batches = TrainingBatches(data, train_cfg["hflip"], data_dir)
     generator.train()
     weighting.train()
     losses, pending = [], []
     weight_stats: dict[str, deque] = {}  # per statistic its last 50 steps: all the summary reads
     began = time.time()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="generator", mininterval=10):
-        idx = step_rng(seed, step).integers(0, len(images_all), size=batch_size)
-        images, masks = images_all[idx], masks_all[idx]
         # Randomness is drawn on the CPU (same numbers on any device), then the batch moves to the device.
-        g = step_torch_generator(seed, step)
-        if train_cfg["hflip"]:
-            flip = torch.rand(batch_size, generator=g) < 0.5
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-            masks = torch.where(flip.view(-1, 1, 1), masks.flip(-1), masks)
+        images, masks, g = batches.draw(seed, step, batch_size)
         images, masks = images.to(device), masks.to(device)
         with torch.no_grad(), autocast(dtype, device):
             x0 = generator.encode(images, g)  # diffusers draws CPU-generator noise on the CPU and moves it
