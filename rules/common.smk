@@ -22,6 +22,7 @@ SYNTHETIC_ONLY = ANALYSES.get("synthetic_only")
 LAW = ANALYSES.get("law")
 ORDER_ABLATION = ANALYSES.get("order")
 VICTR_TABLES = ANALYSES.get("victr")
+LEAF_TABLES = ANALYSES.get("leaf")
 # Synthesis jobs exist for configured methods only; other names under synthetic/ are adversariality subsets.
 SYNTHESIZED = "|".join(re.escape(m) for m in sorted(config["methods"], key=len, reverse=True))
 # Nested budget sets: on the sweep's seeds, a swept method's smaller budgets are prefixes of its largest
@@ -244,7 +245,19 @@ def analysis_outputs():
         outputs += ["results/tables/order_ablation.parquet", "results/tables/order_ablation.md"]
     if VICTR_TABLES:
         outputs += [f"results/tables/{name}.{ext}" for name in victr_table_names() for ext in ("parquet", "md")]
+    if LEAF_TABLES:
+        outputs += [f"results/tables/{name}.{ext}" for name in leaf_table_names() for ext in ("parquet", "md")]
     return outputs
+
+
+def leaf_table_names():
+    return [f"leaf_{key}" for key in ("parameterisation", "lambda", "stability") if LEAF_TABLES.get(key)]
+
+
+def leaf_stability_files():
+    """Table 4's inputs: "dataset/segmenter" → the per-seed stability parquet of each row's real-only model."""
+    segmenters = dict.fromkeys((LEAF_TABLES.get("stability") or {}).values())
+    return {f"{d}/{s}": f"results/{d}/eval/{s}/stability.parquet" for d in RUN["datasets"] for s in segmenters}
 
 
 def victr_table_names():

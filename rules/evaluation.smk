@@ -120,3 +120,27 @@ rule fidelity:
         gpu=1,
     script:
         "../scripts/fidelity.py"
+
+
+rule leaf_stability:
+    """LEAF Table 4: the real-only LEAF model on the test split once per inference seed (the z_T of its single
+    reverse step): mean Dice and IoU per seed."""
+    input:
+        model="results/{dataset}/segmenters/{segmenter}/real",
+        data="results/{dataset}/data",
+    output:
+        "results/{dataset}/eval/{segmenter}/stability.parquet",
+    params:
+        code=code("leaf_stability"),
+        seeds=list(range((LEAF_TABLES or {}).get("stability_seeds", 10))),
+    log:
+        "logs/{dataset}/eval/{segmenter}/stability.log",
+    benchmark:
+        "benchmarks/{dataset}/eval/{segmenter}/stability.tsv"
+    conda:
+        torch_env()
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../scripts/leaf_stability.py"

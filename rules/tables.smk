@@ -450,3 +450,35 @@ if ORDER_ABLATION:
             "../envs/tables.yaml"
         script:
             "../scripts/order_ablation_table.py"
+
+
+if LEAF_TABLES:
+
+    localrules:
+        leaf_tables,
+
+    rule leaf_tables:
+        """LEAF's Tables 2-4: parameterisation x alignment and the lambda sweep from the segmenter table's rows,
+        the spread over inference seeds from the stability evaluations."""
+        input:
+            segmenters="results/tables/segmenters.parquet",
+            stability=list(leaf_stability_files().values()),
+        output:
+            *[f"results/tables/{name}.{ext}" for name in leaf_table_names() for ext in ("parquet", "md")
+              if (name, ext) != ("leaf_parameterisation", "md")],
+            report(
+                "results/tables/leaf_parameterisation.md",
+                caption="../report/leaf.rst",
+                category="LEAF",
+                labels={"table": "LEAF parameterisation and alignment (Tables 2-4)"},
+            ),
+        params:
+            code=code("leaf_tables"),
+            settings=dict(LEAF_TABLES),
+            stability_files=leaf_stability_files(),
+        log:
+            "logs/tables/leaf.log",
+        conda:
+            "../envs/tables.yaml"
+        script:
+            "../scripts/leaf_tables.py"

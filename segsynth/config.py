@@ -109,6 +109,15 @@ def check_references(config: dict) -> None:
     for segmenter in ((analyses.get("order") or {}).get("segmenters") or {}).values():
         if segmenter not in run["segmenters"]:
             raise ConfigError("analyses.order.segmenters", f"{segmenter!r} is not in run.segmenters")
+    leaf = analyses.get("leaf") or {}
+    for table in ("parameterisation", "lambda", "stability"):
+        for label, segmenter in (leaf.get(table) or {}).items():
+            if segmenter not in run["segmenters"]:
+                raise ConfigError(f"analyses.leaf.{table}", f"row {label!r}: {segmenter!r} is not in run.segmenters")
+            if table == "stability" and config["segmenters"][segmenter]["kind"] != "leaf":
+                raise ConfigError("analyses.leaf.stability", f"row {label!r}: {segmenter!r} is a "
+                                  f"{config['segmenters'][segmenter]['kind']}, not a leaf segmenter: only a "
+                                  "diffusion segmenter depends on an inference seed")
     for name in run["generators"]:
         entry = config["generators"][name]
         if "victr" not in entry:

@@ -154,6 +154,7 @@ ENCODER_BLOCKS: dict[str, tuple[Callable[[nn.Module], nn.Module], int]] = {
     "order": (lambda network: network.encoder[-1], 1),       # the same backbone; the attention sits on the skips
     "swin_unet": (lambda network: network.norm, -1),         # the bottleneck stage's tokens after its LayerNorm
     "nnunet": (lambda network: network.encoder.stages[-1], 1),  # the last stage of nnU-Net's encoder
+    "leaf": (lambda network: network.unet.mid_block, 1),     # the UNet's bottleneck over (z^x, the fixed z_T)
 }
 
 

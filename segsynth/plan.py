@@ -135,6 +135,10 @@ NNUNET_STANDARD = {"epochs": 1000, "iterations_per_epoch": 250, "val_iterations_
 SWIN_S_PER_IMAGE_STEP = 0.05 / 24
 SMALL_SEGMENTER_S_PER_IMAGE_STEP = 0.0005
 SWIN_DEFAULTS = {"embed_dim": 24, "depths": [2, 2, 2]}  # as segsynth.segmenters.swin_unet
+#: LEAF (segsynth/segmenters/leaf.py) with ``pretrained``: a step trains SD's UNet and a VAE encoder on the batch,
+#: the generator's train_unet step per image (GENERATOR_STEP_S × GENERATOR_TRAIN_UNET over its batch of 8). A
+#: tiny LEAF is launch-bound like the tiny generator, per step, plus its mask-VAE fit (MASK_VAE_STEP_S per step).
+LEAF_SD_S_PER_IMAGE_STEP = GENERATOR_STEP_S * GENERATOR_TRAIN_UNET / 8
 #: The "continue" protocol (segsynth/segmenters/protocol.py): a real+synthetic model continues from the
 #: real-only checkpoint for ``continue_epochs`` / ``continue_steps``, by default a tenth of the scratch schedule
 #: (the Miner paper's reference code: 1000 → 100 nnU-Net epochs) — the same rule as protocol.CONTINUE_FRACTION.
@@ -482,6 +486,14 @@ def segmenter_cost(ctx: Context, rule: str, wc: dict, scenario: Scenario) -> Cos
     steps = entry["steps"]
     if cont:
         steps = entry.get("continue_steps", max(1, math.ceil(steps * CONTINUE_FRACTION)))
+    if entry["kind"] == "leaf":
+        speedup = PRECISION_SPEEDUP["training"][precision_of(config, scenario)]
+        if entry.get("pretrained"):
+            step = LEAF_SD_S_PER_IMAGE_STEP * entry["batch_size"] * pixels / speedup
+            return Cost(label, (rule, "leaf"), "step", steps, STARTUP_S["training"] + steps * step)
+        mask_vae_steps = 0 if cont else (entry.get("vae") or {}).get("steps", 800)  # segsynth.segmenters.leaf
+        seconds = STARTUP_S["training"] + (steps * TINY_GENERATOR_STEP_S + mask_vae_steps * MASK_VAE_STEP_S) / speedup
+        return Cost(label, (rule, "leaf"), "step", steps, seconds)
     if entry["kind"] == "swin_unet":
         embed = entry.get("embed_dim", SWIN_DEFAULTS["embed_dim"])
         depths = entry.get("depths", SWIN_DEFAULTS["depths"])
@@ -539,6 +551,11 @@ def job_cost(ctx: Context, job: Job, scenario: Scenario) -> Cost:
         return segmenter_cost(ctx, rule, wc, scenario)
     if rule in ("evaluate_real", "evaluate_augmented", "profile_segmenter"):
         return evaluation_cost(ctx, rule, wc)
+    if rule == "leaf_stability":  # one test-split prediction per inference seed, Dice and IoU only
+        seeds = ((config.get("analyses") or {}).get("leaf") or {}).get("stability_seeds", 10)
+        n = ctx.sizes[wc["dataset"]]["test"] * seeds
+        return Cost("evaluation", (rule,), "test image", n,
+                    STARTUP_S["evaluation"] + n * PREDICT_S["torch"] * _pixels(config, wc["dataset"]))
     if rule == "splits":
         size = ctx.sizes[wc["dataset"]]
         return Cost("splits (CPU)", (rule,), "image", size["train"] + size["test"],

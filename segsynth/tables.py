@@ -400,11 +400,12 @@ def segmenter_markdown(table: pd.DataFrame) -> str:
                    f"({units_phrase(units)})")
     lines = [f"Real-only models; {metrics}; MACs of one image at the dataset's resolution; training wall "
              "time from the job's benchmark file.", "",
-             "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | ASD | HD95 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | IoU (%) | ASD | HD95 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
+        iou = _cell(getattr(r, "iou_mean", float("nan")), getattr(r, "iou_std", float("nan")), 100.0, 1)
         lines.append(f"| {r.dataset} | {r.segmenter} | {r.kind} | {r.params:,} | {r.macs / 1e6:.1f} | {r.train_s:.0f} | "
-                     f"{100 * r.dice_mean:.1f} ± {100 * r.dice_std:.1f} | {r.asd_mean:.2f} ± {r.asd_std:.2f} | "
+                     f"{100 * r.dice_mean:.1f} ± {100 * r.dice_std:.1f} | {iou} | {r.asd_mean:.2f} ± {r.asd_std:.2f} | "
                      f"{r.hd95_mean:.2f} ± {r.hd95_std:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -701,16 +702,17 @@ def write_victr_tables(settings: dict, fidelity_path, main_path, benchmark_files
     return tables
 
 
-def order_ablation_table(segmenters: pd.DataFrame, rows: dict) -> pd.DataFrame:
-    """ORDER's Tables 5–6: per dataset and row label (→ a segmenter of the segmenter table), its params and
-    real-only test mDice and mIoU (mean ± std over test units, as the segmenter table has them)."""
+def segmenter_rows_table(segmenters: pd.DataFrame, rows: dict, analysis: str) -> pd.DataFrame:
+    """An ablation over segmenter entries (ORDER's Tables 5–6, LEAF's Tables 2–3): per dataset and row label
+    (→ a segmenter of the segmenter table), its params and real-only test mDice and mIoU (mean ± std over test
+    units, as the segmenter table has them). ``analysis`` names the config key in errors."""
     records = []
     for dataset in dict.fromkeys(segmenters["dataset"]):
         for label, name in rows.items():
             hit = segmenters[(segmenters["dataset"] == dataset) & (segmenters["segmenter"] == name)]
             if hit.empty:
                 raise InputDataError("results/tables/segmenters.parquet", f"no row for segmenter {name!r} of "
-                                     f"dataset {dataset!r} (analyses.order row {label!r})")
+                                     f"dataset {dataset!r} ({analysis} row {label!r})")
             r = hit.iloc[0]
             records.append({"dataset": dataset, "row": label, "segmenter": name, "params": int(r["params"]),
                             "dice_mean": r["dice_mean"], "dice_std": r["dice_std"],
@@ -718,18 +720,76 @@ def order_ablation_table(segmenters: pd.DataFrame, rows: dict) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def order_ablation_markdown(table: pd.DataFrame) -> str:
-    lines = ["ORDER Tables 5–6: where the bidirectional skip attention sits (stages numbered from the "
-             "full-resolution end); real-only models, test mDice and mIoU in %, mean ± std over test samples.", "",
-             "| Dataset | Configuration | Segmenter | Params | mDice (%) | mIoU (%) |", "|---|---|---|---|---|---|"]
+def segmenter_rows_markdown(table: pd.DataFrame, caption: str) -> str:
+    lines = [caption, "", "| Dataset | Configuration | Segmenter | Params | mDice (%) | mIoU (%) |",
+             "|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         lines.append(f"| {r.dataset} | {r.row} | {r.segmenter} | {r.params:,} | "
                      f"{_cell(r.dice_mean, r.dice_std, 100.0, 1)} | {_cell(r.iou_mean, r.iou_std, 100.0, 1)} |")
     return "\n".join(lines) + "\n"
 
 
+ORDER_CAPTION = ("ORDER Tables 5–6: where the bidirectional skip attention sits (stages numbered from the "
+                 "full-resolution end); real-only models, test mDice and mIoU in %, mean ± std over test samples.")
+
+
 def write_order_ablation_tables(segmenters_path, rows: dict, parquet_path, markdown_path) -> pd.DataFrame:
-    table = order_ablation_table(pd.read_parquet(segmenters_path), rows)
+    table = segmenter_rows_table(pd.read_parquet(segmenters_path), rows, "analyses.order")
     write_parquet(parquet_path, table)
-    write_text(markdown_path, order_ablation_markdown(table))
+    write_text(markdown_path, segmenter_rows_markdown(table, ORDER_CAPTION))
     return table
+
+
+LEAF_CAPTIONS = {
+    "leaf_parameterisation": "LEAF Table 2: what the UNet predicts (ε, v or the mask latent x0) with and without "
+                             "feature alignment; real-only models, one reverse step, test mDice and mIoU in %, "
+                             "mean ± std over test samples.",
+    "leaf_lambda": "LEAF Table 3: the feature-alignment weight λ; real-only models, test mDice and mIoU in %, "
+                   "mean ± std over test samples.",
+}
+
+
+def leaf_stability_table(files: dict, labels: dict) -> pd.DataFrame:
+    """LEAF Table 4: per dataset and row label, the spread over inference seeds of the test mDice (and mIoU).
+    ``files`` maps "dataset/segmenter" to the per-seed frame ``inference_seed_stability`` wrote; ``labels`` maps
+    row label → segmenter."""
+    records = []
+    for label, segmenter in labels.items():
+        for key, path in files.items():
+            dataset, name = key.split("/", 1)
+            if name != segmenter:
+                continue
+            per_seed = pd.read_parquet(path)
+            records.append({"dataset": dataset, "row": label, "segmenter": segmenter, "n_seeds": len(per_seed),
+                            "dice_mean": per_seed["dice"].mean(), "dice_std": per_seed["dice"].std(ddof=1),
+                            "iou_mean": per_seed["iou"].mean(), "iou_std": per_seed["iou"].std(ddof=1)})
+    return pd.DataFrame(records).sort_values("dataset", kind="stable").reset_index(drop=True)
+
+
+def leaf_stability_markdown(table: pd.DataFrame) -> str:
+    n = sorted(set(table["n_seeds"]))
+    lines = [f"LEAF Table 4: stability over {', '.join(map(str, n))} inference seeds (the single step's z_T); "
+             "real-only models, test mDice and mIoU in %: the mean over seeds and the standard deviation over seeds "
+             "of the test-set mean.", "",
+             "| Dataset | Configuration | Segmenter | Seeds | mDice (%) | Dice std over seeds (%) | mIoU (%) | "
+             "IoU std over seeds (%) |", "|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.dataset} | {r.row} | {r.segmenter} | {r.n_seeds} | {100 * r.dice_mean:.2f} | "
+                     f"{100 * r.dice_std:.3f} | {100 * r.iou_mean:.2f} | {100 * r.iou_std:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_leaf_tables(segmenters_path, settings: dict, stability_files: dict, out_dir) -> dict:
+    """LEAF's Tables 2–4 as ``out_dir/leaf_*.parquet`` and ``.md`` (those ``settings`` — analyses.leaf — names)."""
+    segmenters = pd.read_parquet(segmenters_path)
+    tables = {}
+    for name, key in (("leaf_parameterisation", "parameterisation"), ("leaf_lambda", "lambda")):
+        if settings.get(key):
+            tables[name] = segmenter_rows_table(segmenters, settings[key], f"analyses.leaf.{key}")
+            write_text(Path(out_dir) / f"{name}.md", segmenter_rows_markdown(tables[name], LEAF_CAPTIONS[name]))
+    if settings.get("stability"):
+        tables["leaf_stability"] = leaf_stability_table(stability_files, settings["stability"])
+        write_text(Path(out_dir) / "leaf_stability.md", leaf_stability_markdown(tables["leaf_stability"]))
+    for name, table in tables.items():
+        write_parquet(Path(out_dir) / f"{name}.parquet", table)
+    return tables

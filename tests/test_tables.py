@@ -333,15 +333,36 @@ def test_victr_tables_are_views_over_the_dag_tables_and_benchmarks(tmp_path):
         "victr_ablation.parquet", "victr_downstream.parquet", "victr_synthesis.parquet"]
 
 
-def test_order_ablation_rows_come_from_the_segmenter_table():
+def test_segmenter_ablation_rows_come_from_the_segmenter_table(tmp_path):
     from segsynth.errors import InputDataError
-    from segsynth.tables import order_ablation_markdown, order_ablation_table
+    from segsynth.tables import ORDER_CAPTION, segmenter_rows_markdown, segmenter_rows_table, write_leaf_tables
 
     segmenters = pd.DataFrame([{"dataset": "d", "segmenter": name, "params": params, "dice_mean": dice,
                                 "dice_std": 0.1, "iou_mean": dice - 0.1, "iou_std": 0.1}
-                               for name, params, dice in (("mk_unet", 25696, 0.6), ("order", 41610, 0.7))])
-    table = order_ablation_table(segmenters, {"None (MK-UNet)": "mk_unet", "Stages 0-1": "order"})
+                               for name, params, dice in (("mk_unet", 25696, 0.6), ("order", 41610, 0.7),
+                                                          ("leaf_eps", 900, 0.5), ("leaf", 900, 0.65))])
+    table = segmenter_rows_table(segmenters, {"None (MK-UNet)": "mk_unet", "Stages 0-1": "order"}, "analyses.order")
     assert list(table["params"]) == [25696, 41610]
-    assert "| d | Stages 0-1 | order | 41,610 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in order_ablation_markdown(table)
-    with pytest.raises(InputDataError, match="order_all"):
-        order_ablation_table(segmenters, {"All": "order_all"})
+    markdown = segmenter_rows_markdown(table, ORDER_CAPTION)
+    assert markdown.startswith("ORDER Tables 5–6")
+    assert "| d | Stages 0-1 | order | 41,610 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in markdown
+    with pytest.raises(InputDataError, match="order_all.*analyses.order"):
+        segmenter_rows_table(segmenters, {"All": "order_all"}, "analyses.order")
+
+    # LEAF's Tables 2-4: the same view, and the spread over inference seeds from the per-seed frames
+    segmenters.to_parquet(tmp_path / "segmenters.parquet")
+    for name, dice in (("leaf_eps", [0.50, 0.52, 0.48]), ("leaf", [0.65, 0.65, 0.65])):
+        pd.DataFrame({"seed": [0, 1, 2], "dice": dice, "iou": [d - 0.1 for d in dice]}).to_parquet(
+            tmp_path / f"{name}.parquet")
+    settings = {"parameterisation": {"ε-prediction": "leaf_eps", "x0 + alignment": "leaf"},
+                "stability": {"ε-prediction": "leaf_eps", "x0 + alignment": "leaf"}}
+    tables = write_leaf_tables(tmp_path / "segmenters.parquet", settings,
+                               {"d/leaf_eps": tmp_path / "leaf_eps.parquet", "d/leaf": tmp_path / "leaf.parquet"},
+                               tmp_path)
+    assert sorted(tables) == ["leaf_parameterisation", "leaf_stability"]
+    assert "| d | x0 + alignment | leaf | 900 | 65.0 ± 10.0 | 55.0 ± 10.0 |" in (
+        tmp_path / "leaf_parameterisation.md").read_text()
+    stability = (tmp_path / "leaf_stability.md").read_text()
+    assert "| d | ε-prediction | leaf_eps | 3 | 50.00 | 2.000 | 40.00 | 2.000 |" in stability
+    assert "| d | x0 + alignment | leaf | 3 | 65.00 | 0.000 |" in stability
+    assert not (tmp_path / "leaf_lambda.md").exists()

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from segsynth.errors import ConfigError
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 E2E_CONFIG = REPO / "tests" / "config" / "e2e.yaml"
@@ -343,3 +344,29 @@ def test_law_on_kvasir_fine_tunes_each_weighting_from_the_kvasir_generator_the_d
     assert "output: results/kvasir/generators/tiny" in result.stdout
     assert re.search(r"input: results/kvasir/data, results/kvasir/generators/tiny\n\s+output: "
                      r"results/kvasir/generators/law-law", result.stdout)
+
+
+def test_the_leaf_preset_trains_only_real_only_models_for_its_tables(tmp_path):
+    """presets/leaf.yaml, targeting its tables: every LEAF entry's real-only model, its evaluation and profile, the
+    stability evaluations of Table 4's rows, and nothing of synthesis."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    result = snakemake("-n", "--configfile", "config.yaml", str(REPO / "presets" / "leaf.yaml"), "--",
+                       "results/tables/leaf_parameterisation.md", "results/tables/segmenters.md", cwd=tmp_path,
+                       timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    assert counts["train_segmenter_real"] == 9 and counts["leaf_stability"] == 2 and counts["leaf_tables"] == 1
+    assert "synthesize" not in counts and "train_generator" not in counts
+    assert "output: results/mni152/eval/leaf_eps/stability.parquet" in result.stdout
+
+
+def test_leaf_stability_rows_must_be_leaf_segmenters():
+    from segsynth.config import check_references, read_configs
+
+    config = read_configs([REPO / "config.yaml", REPO / "presets" / "leaf.yaml"])
+    check_references(config)
+    config["run"]["segmenters"].append("mk_unet")
+    config["analyses"]["leaf"]["stability"]["MK-UNet"] = "mk_unet"
+    with pytest.raises(ConfigError, match="not a leaf segmenter") as err:
+        check_references(config)
+    assert err.value.key == "analyses.leaf.stability"

@@ -17,6 +17,7 @@ from ..errors import ConfigError, InputDataError
 from ..training import set_torch_threads
 from .base import (STATS_FILE, Segmenter, SyntheticSet, TorchSegmenter, load_synthetic_set,
                    read_model_meta)
+from .leaf import LEAF
 from .lightweight import ORDER, MKUNet
 from .monai_nets import MonaiBasicUNet, MonaiUNet
 from .nnunet import NnUNetSegmenter
@@ -25,7 +26,7 @@ from .swin_unet import SwinUNet
 
 __all__ = [
     "SEGMENTERS", "Segmenter", "TorchSegmenter", "SyntheticSet", "MonaiUNet", "MonaiBasicUNet", "MKUNet", "ORDER",
-    "SwinUNet", "NnUNetSegmenter",
+    "SwinUNet", "NnUNetSegmenter", "LEAF",
     "get_segmenter_class", "load_segmenter", "load_synthetic_set", "train_segmenter", "STATS_FILE",
     "PROTOCOL_KEYS", "protocol_of", "validation_cases", "real_only_settings",
 ]
@@ -33,7 +34,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SEGMENTERS: dict[str, type[Segmenter]] = {cls.kind: cls for cls in (MonaiUNet, MonaiBasicUNet, MKUNet, ORDER, SwinUNet,
-                                                                    NnUNetSegmenter)}
+                                                                    NnUNetSegmenter, LEAF)}
 
 
 def get_segmenter_class(kind: str) -> type[Segmenter]:

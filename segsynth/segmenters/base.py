@@ -24,7 +24,7 @@ from ..errors import ConfigError, InputDataError
 from ..io import atomic_dir, read_json, write_json
 from ..synthetic_set import SyntheticSet, load_synthetic_set  # noqa: F401  (re-exported)
 from ..precision import autocast, compute_dtype, configure, grad_scaler
-from ..training import Checkpointer, default_device, step_rng
+from ..training import Checkpointer, default_device, step_rng, step_torch_generator
 from .protocol import BestCheckpoint, continue_options, cutmix_box, mean_foreground_dice, paired_cutmix
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,25 @@ class TorchSegmenter(Segmenter):
             raise RuntimeError(f"{self.kind}: train or load the segmenter before using it")
         return self.network
 
+    # --- the training objective: a segmenter with another loss overrides these ---------------------------------
+
+    def training_forward(self, network: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor,
+                         generator: torch.Generator):
+        """What the loss needs of a batch, computed under the training precision's autocast: the logits here.
+        ``masks`` is (B, 1, H, W) class indices; ``generator`` the step's own, for objectives that draw noise."""
+        return network(images)
+
+    def training_loss(self, output, masks: torch.Tensor) -> torch.Tensor:
+        """The loss of ``training_forward``'s output, in float32: MONAI's Dice + cross-entropy of the logits."""
+        if not hasattr(self, "_dice_ce"):
+            self._dice_ce = DiceCELoss(softmax=True, to_onehot_y=True)
+        return self._dice_ce(output.float(), masks)
+
+    def auxiliary_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules trained and checkpointed beside the network but not part of the saved model (e.g. LEAF's
+        feature-alignment head); none by default."""
+        return {}
+
     def check_inputs(self, images: np.ndarray, masks: np.ndarray | None = None) -> None:
         """Fail early, naming the mismatch, rather than deep inside a convolution."""
         if images.ndim != 4 or images.shape[1] != self.in_channels:
@@ -215,7 +234,7 @@ class TorchSegmenter(Segmenter):
         started = time.monotonic()
         loss = None
         for step in range(start, total):
-            loss = loop.step(*self._batch(images, masks, seed, step))
+            loss = loop.step(*self._batch(images, masks, seed, step), step_torch_generator(seed, step))
             # reading the loss waits for the GPU: only when it is logged
             if log_every and (step + 1) % log_every == 0:
                 log.info("%s step %d/%d loss %.4f", self.kind, step + 1, total, float(loss.detach()))
@@ -296,7 +315,8 @@ class TorchSegmenter(Segmenter):
         started = time.monotonic()
         loss = None
         for step in range(start, total):
-            loss = loop.step(*self._paired_batch(real, synthetic, seed, step, options.cutmix_p))
+            loss = loop.step(*self._paired_batch(real, synthetic, seed, step, options.cutmix_p),
+                             step_torch_generator(seed, step))
             if log_every and (step + 1) % log_every == 0:
                 log.info("%s continue step %d/%d loss %.4f", self.kind, step + 1, total, float(loss.detach()))
             if (step + 1) % val_every == 0 or step + 1 == total:
@@ -373,32 +393,36 @@ class TorchSegmenter(Segmenter):
 
 
 class _TrainingLoop:
-    """What both training loops of :class:`TorchSegmenter` share: AdamW with the config's rate and decay, MONAI's
-    Dice + cross-entropy, the checkpointer (network, optimiser, ``extra`` objects, the float16 loss scale) and
-    one optimisation step under the segmenter's precision (segsynth.precision)."""
+    """What both training loops of :class:`TorchSegmenter` share: AdamW with the config's rate and decay over the
+    trainable parameters of the network and the segmenter's ``auxiliary_modules``, the segmenter's loss (MONAI's
+    Dice + cross-entropy unless it says otherwise), the checkpointer (network, optimiser, auxiliary modules,
+    ``extra`` objects, the float16 loss scale) and one optimisation step under the segmenter's precision
+    (segsynth.precision)."""
 
     def __init__(self, segmenter: "TorchSegmenter", network: torch.nn.Module, checkpoint_dir,
                  extra: dict | None = None):
         cfg = segmenter.cfg
-        network.train()
-        self.network, self.device = network, segmenter.device
-        self.optimiser = torch.optim.AdamW(network.parameters(), lr=float(cfg["lr"]),
-                                           weight_decay=float(cfg["weight_decay"]))
-        self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+        auxiliary = segmenter.auxiliary_modules()
+        for module in (network, *auxiliary.values()):
+            module.train()
+        self.segmenter, self.network, self.device = segmenter, network, segmenter.device
+        trainable = [p for module in (network, *auxiliary.values()) for p in module.parameters() if p.requires_grad]
+        self.optimiser = torch.optim.AdamW(trainable, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
         configure(segmenter.precision, segmenter.device)
         self.dtype = compute_dtype(segmenter.precision, segmenter.device, segmenter.cpu_autocast)
         self.scaler = grad_scaler(self.dtype, segmenter.device)
-        objects = {"network": network, "optimizer": self.optimiser, **(extra or {})}
+        objects = {"network": network, "optimizer": self.optimiser, **auxiliary, **(extra or {})}
         if self.scaler.is_enabled():
             objects["scaler"] = self.scaler
         self.checkpointer = Checkpointer(checkpoint_dir, int(cfg["checkpoint_every"]), objects)
 
-    def step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on a batch; returns the loss (on the device: reading it waits for the GPU)."""
+    def step(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One optimisation step on a batch; ``generator`` is the step's own (segsynth.training.step_torch_generator)
+        for losses that draw noise. Returns the loss (on the device: reading it waits for the GPU)."""
         self.optimiser.zero_grad(set_to_none=True)
         with autocast(self.dtype, self.device):
-            logits = self.network(images)
-        loss = self.loss_fn(logits.float(), masks)
+            output = self.segmenter.training_forward(self.network, images, masks, generator)
+        loss = self.segmenter.training_loss(output, masks)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimiser)
         self.scaler.update()
