@@ -253,3 +253,16 @@ def test_stability_varies_only_the_inference_seed(tmp_path, tiny_data):
     segmenter.network.inference_seed = 1
     assert not np.array_equal(first, segmenter.predict_proba(images))
     assert len(read_meta(tiny_data)["class_names"]) == segmenter.num_classes
+
+
+def test_an_rgb_image_enters_a_mask_vae_of_other_channels_through_an_adapted_first_convolution():
+    """Kvasir: 3-channel images, a 2-class one-hot mask VAE. The image encoder's first convolution reads 3 channels,
+    and on a grey image (equal channels) computes what the VAE encoder computes on that grey value."""
+    segmenter = LEAF({**LEAF_CFG}, 3, 2, ["background", "polyp"], device="cpu")
+    network = segmenter._initialise(0)
+    assert network.image_encoder.encoder.conv_in.in_channels == 3 and network.mask_vae.config.in_channels == 2
+    grey = torch.rand(2, 1, 16, 16)
+    ours = network.image_encoder(grey.expand(-1, 3, -1, -1) * 2 - 1)
+    vae_moments = network.mask_vae.quant_conv(network.mask_vae.encoder(grey.expand(-1, 2, -1, -1) * 2 - 1))
+    torch.testing.assert_close(ours, vae_moments.chunk(2, dim=1)[0], rtol=1e-4, atol=1e-5)
+    assert network(torch.rand(2, 3, 16, 16)).shape == (2, 2, 16, 16)

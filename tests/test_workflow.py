@@ -370,3 +370,15 @@ def test_leaf_stability_rows_must_be_leaf_segmenters():
     with pytest.raises(ConfigError, match="not a leaf segmenter") as err:
         check_references(config)
     assert err.value.key == "analyses.leaf.stability"
+
+
+def test_the_leaf_preset_layers_over_the_kvasir_preset(tmp_path):
+    """LEAF's Kvasir rows: presets/leaf.yaml over presets/kvasir.yaml, RGB polyps through the same entries."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    result = snakemake("-n", "--configfile", "config.yaml", str(REPO / "presets" / "kvasir.yaml"),
+                       str(REPO / "presets" / "leaf.yaml"), "--", "results/tables/leaf_parameterisation.md",
+                       cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    assert counts["train_segmenter_real"] == 9 and counts["leaf_stability"] == 2
+    assert "output: results/kvasir/eval/leaf/stability.parquet" in result.stdout
