@@ -31,6 +31,8 @@ KIND_CFGS = {
     "order": ({"kind": "order", "channels": [4, 8, 10], "attention_dim": 8, **TRAINING}, 16, 10),
     "swin_unet": ({"kind": "swin_unet", "embed_dim": 6, "depths": [1, 1], "num_heads": [1, 2], "window_size": 2,
                    **TRAINING}, 16, 12),
+    "leaf": ({"kind": "leaf", "vae": {"block_out_channels": [8, 8], "norm_num_groups": 4, "steps": 1, "batch_size": 2},
+              "unet": {"block_out_channels": [8, 16], "norm_num_groups": 4}, **TRAINING}, 16, 16),
 }
 
 
