@@ -39,6 +39,7 @@ include: "rules/synthesis.smk"
 include: "rules/segmenters.smk"
 include: "rules/evaluation.smk"
 include: "rules/tables.smk"
+include: "rules/papers.smk"
 
 
 rule all:

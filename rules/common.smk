@@ -4,13 +4,18 @@ import re
 from pathlib import Path
 
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
-                             canonical, check_references, dataset_sources, method_params, miner_schedule, science,
-                             subset_name, used_methods, victr_source, weight_sources)
+                             canonical, check_references, dataset_sources, method_params, miner_schedule,
+                             round_methods, round_name, round_previous, science, subset_name, used_methods,
+                             victr_source, weight_sources)
+from segsynth.papers import (PAPERS, PAPER_ITEMS, VGD_TABLE1_ROWS, VGD_TABLE3_ROWS, VGD_FIG7_ROWS,
+                             MINER_BACKBONE_ROWS, item_outputs)
 from segsynth.provenance import code_version
 
 check_references(config)
 # The budget sweep's entries are ordinary methods (``rd_x2`` = rd at 2 × |train|).
 config["methods"].update(budget_methods(config))
+# So are the synthesize–train rounds' (``vgd_round2`` = vgd guided by round 1's real + synthetic model).
+config["methods"].update(round_methods(config))
 
 RUN = config["run"]
 SEEDS = list(range(config["seeds"]["n_seed"]))
@@ -23,6 +28,9 @@ LAW = ANALYSES.get("law")
 ORDER_ABLATION = ANALYSES.get("order")
 VICTR_TABLES = ANALYSES.get("victr")
 LEAF_TABLES = ANALYSES.get("leaf")
+CROSS_DOMAIN = ANALYSES.get("cross_domain")
+ROUNDS = ANALYSES.get("rounds")
+ROUND_PREVIOUS = round_previous(config)
 # Synthesis jobs exist for configured methods only; other names under synthetic/ are adversariality subsets.
 SYNTHESIZED = "|".join(re.escape(m) for m in sorted(config["methods"], key=len, reverse=True))
 # Nested budget sets: on the sweep's seeds, a swept method's smaller budgets are prefixes of its largest
@@ -88,12 +96,33 @@ def mask_vae_datasets():
     return [d for d in RUN["datasets"] if any(needs_mask_vae(d, m) for m in used_methods(config))]
 
 
+def value_model_dir(dataset, generator, method, seed):
+    previous = ROUND_PREVIOUS.get(method)
+    if previous is None:
+        return f"results/{dataset}/segmenters/{RUN['value_segmenter']}/real"
+    return f"results/{dataset}/segmenters/{RUN['value_segmenter']}/{generator}/{previous}/seed{seed}"
+
+
+def round_runs():
+    """One row per (dataset, generator, round, seed) of analyses.rounds: the round's set and the evaluation of
+    run.value_segmenter trained on real + that set (the next round's f_θ)."""
+    if not ROUNDS:
+        return []
+    s = RUN["value_segmenter"]
+    return [dict(dataset=d, generator=g, segmenter=s, round=r, method=round_name(ROUNDS["method"], r), seed=seed,
+                 set=f"results/{d}/synthetic/{g}/{round_name(ROUNDS['method'], r)}/seed{seed}",
+                 path=f"results/{d}/eval/{s}/{g}/{round_name(ROUNDS['method'], r)}/seed{seed}.parquet")
+            for d in RUN["datasets"] for g in RUN["generators"] for r in range(1, ROUNDS["rounds"] + 1)
+            for seed in range(ROUNDS.get("n_seed", config["seeds"]["n_seed"]))]
+
+
 def synthesis_inputs(wildcards):
     inputs = {
         "data": f"results/{wildcards.dataset}/data",
         "generator": f"results/{wildcards.dataset}/generators/{wildcards.generator}",
-        # Every synthetic sample records its value score under the frozen real-only segmenter f_θ.
-        "value_model": f"results/{wildcards.dataset}/segmenters/{RUN['value_segmenter']}/real",
+        # Every synthetic sample records its value score under the frozen real-only segmenter f_θ; a round r ≥ 2
+        # of analyses.rounds is guided (and scored) by the real + synthetic model of round r − 1, same seed.
+        "value_model": value_model_dir(wildcards.dataset, wildcards.generator, wildcards.method, wildcards.seed),
     }
     if needs_miner(wildcards.method):
         inputs["miner"] = (
@@ -247,7 +276,23 @@ def analysis_outputs():
         outputs += [f"results/tables/{name}.{ext}" for name in victr_table_names() for ext in ("parquet", "md")]
     if LEAF_TABLES:
         outputs += [f"results/tables/{name}.{ext}" for name in leaf_table_names() for ext in ("parquet", "md")]
-    return outputs
+    if ROUNDS:
+        outputs += ["results/tables/rounds.parquet", "results/tables/rounds.md", "results/figures/rounds.png"]
+    return outputs + cross_domain_outputs()
+
+
+def cross_domain_path(eval_path):
+    """A model's cross-domain evaluation, beside nothing of its own dataset: results/{test}/cross_domain/{train}/
+    eval/{segmenter}/{real | generator/method/seedN}.parquet for its results/{train}/eval/... path."""
+    _, train, _, rest = eval_path.split("/", 3)
+    return f"results/{CROSS_DOMAIN['test']}/cross_domain/{train}/eval/{rest}"
+
+
+def cross_domain_outputs():
+    """Every main-table model of the train dataset, scored on the test dataset (analyses.cross_domain)."""
+    if not CROSS_DOMAIN:
+        return []
+    return [cross_domain_path(r["path"]) for r in main_runs() if r["dataset"] == CROSS_DOMAIN["train"]]
 
 
 def leaf_table_names():
@@ -372,3 +417,166 @@ def benchmark_files():
               for d, g, m, _ in synthesized if needs_miner(m)}
     files |= {f"benchmarks/{d}/mask_vae.tsv" for d, g, m, _ in synthesized if needs_mask_vae(d, m)}
     return sorted(files)
+
+
+# ---- the papers' targets (rules/papers.smk) ----
+
+
+
+def _methods_spec(rows, reference, preset, segmenters=None):
+    """A methods table over the run's evaluated models; ``rows``: label → "baseline", a method (of the first
+    generator) or a (generator, method) pair; ``reference``: the label of the row the paired tests compare with;
+    rows the run lacks say why, and every row does when the reference is missing."""
+    first = RUN["generators"][0]
+    pairs = {label: ("", m) if m == "baseline" else (m if isinstance(m, tuple) else (first, m))
+             for label, m in rows.items()}
+    labels = {label: "baseline" if m == "baseline" else method_label(g, m) for label, (g, m) in pairs.items()}
+
+    def why(generator, method):
+        if method == "baseline":
+            return None
+        if method not in RUN["methods"]:
+            return f"`{method}` is not in this run's run.methods ({preset} runs it)"
+        if generator not in RUN["generators"]:
+            return f"generator `{generator}` is not in this run's run.generators ({preset} trains it)"
+        return None
+
+    absent = {labels[label]: why(*pair) for label, pair in pairs.items() if why(*pair)}
+    if labels[reference] in absent:
+        absent = {key: f"the reference row {reference} is not in this run ({preset} runs it)"
+                  for key in labels.values()}
+    wanted = {pair for label, pair in pairs.items() if labels[label] not in absent}
+    segmenters = segmenters or RUN["segmenters"]
+    runs = [r for r in baseline_runs() if ("", "baseline") in wanted and r["segmenter"] in segmenters] + [
+        dict(dataset=d, segmenter=s, method=method_label(g, m), seed=seed,
+             path=f"results/{d}/eval/{s}/{g}/{m}/seed{seed}.parquet")
+        for d, s, g, m, seed in augmented_runs() if (g, m) in wanted and s in segmenters]
+    return dict(kind="methods", rows=labels, reference=labels[reference], absent=absent, runs=runs,
+                sources=["results/tables/fidelity.parquet"] + [r["path"] for r in runs])
+
+
+def _law_downstream_spec():
+    """LAW Table 2 with its paired tests: real only, and real + each weighting's RD sets."""
+    rows = {"Real only": "baseline",
+            **{f"+ {label}": (g, LAW.get("method", "rd")) for label, g in LAW["synthesis"].items()}}
+    return _methods_spec(rows, "Real only", "presets/law.yaml", [LAW.get("segmenter") or RUN["segmenters"][0]])
+
+
+def _victr_downstream_spec():
+    """ViCTr Table 3 with its paired tests against the first DDIM-generator row."""
+    rows = {label: (r["generator"], r["method"]) for label, r in VICTR_TABLES["synthesis"].items()}
+    reference = next((label for label, (g, _) in rows.items() if "victr" not in config["generators"][g]),
+                     next(iter(rows)))
+    return _methods_spec(rows, reference, "presets/victr.yaml", [VICTR_TABLES.get("segmenter") or RUN["segmenters"][0]])
+
+
+def _cross_domain_spec():
+    """The Miner paper's cross-domain table: the train dataset's Baseline, RD and Miner models (every segmenter,
+    every seed) scored on the test dataset's test split (rule evaluate_cross_domain)."""
+    spec = _methods_spec(MINER_BACKBONE_ROWS, "RD", "config.yaml")
+    train, test = CROSS_DOMAIN["train"], CROSS_DOMAIN["test"]
+    runs = [dict(r, dataset=f"{train} → {test}", path=cross_domain_path(r["path"]))
+            for r in spec["runs"] if r["dataset"] == train]
+    return dict(spec, runs=runs, fidelity=False, sources=[r["path"] for r in runs])
+
+
+def _view(name):
+    return dict(kind="view", table=f"results/tables/{name}.parquet", markdown=f"results/tables/{name}.md",
+                sources=[f"results/tables/{name}.parquet", f"results/tables/{name}.md"])
+
+
+def _figure(path):
+    return dict(kind="figure", figures=[path], sources=[path])
+
+
+def _missing(reason):
+    return dict(kind="missing", reason=reason, sources=[])
+
+
+def paper_item_spec(paper, stem):
+    """What this run's config makes of one paper item (segsynth.papers.PAPER_ITEMS)."""
+    d0, g0 = RUN["datasets"][0], RUN["generators"][0]
+    if paper == "vgd":
+        if stem == "table1":
+            return _methods_spec(VGD_TABLE1_ROWS, "Baseline", "presets/vgd_table1.yaml")
+        if stem == "table3":
+            return _methods_spec(VGD_TABLE3_ROWS, "VGD (all components)", "presets/vgd_ablation.yaml")
+        if stem == "fig4":
+            return _figure(f"results/figures/samples_{d0}_{g0}.png")
+        if stem == "fig5":
+            if ROUNDS:
+                return dict(_figure("results/figures/rounds.png"),
+                            sources=["results/figures/rounds.png", "results/tables/rounds.parquet"])
+            return _missing("analyses.rounds is off in this run (e.g. rounds: {method: vgd, rounds: 4}, the paper's four)")
+        if stem == "fig7":
+            return _methods_spec(VGD_FIG7_ROWS, "RD", "presets/vgd_ablation.yaml")
+    if paper == "miner":
+        if stem == "backbones":
+            return _methods_spec(MINER_BACKBONE_ROWS, "RD", "config.yaml")
+        if stem == "subsets":
+            return _view("subsets") if SUBSETS else _missing("analyses.subsets is off in this run "
+                                                              "(presets/miner_analyses.yaml runs it)")
+        if stem == "budget":
+            return _view("budget") if BUDGET else _missing("analyses.budget is off in this run "
+                                                            "(presets/miner_analyses.yaml runs it)")
+        if stem == "overhead":
+            return _view("cost")
+        if stem == "cross_domain":
+            return _cross_domain_spec() if CROSS_DOMAIN else _missing(
+                "analyses.cross_domain is off in this run (e.g. cross_domain: {train: mni152, test: mni152_coronal})")
+    if paper == "law_order":
+        law = {"law_table1": "law_synthesis", "law_table2": "law_downstream", "law_table4": "law_ablation"}
+        if stem == "law_table2" and LAW:
+            return _law_downstream_spec()
+        if stem in law:
+            return _view(law[stem]) if LAW else _missing("analyses.law is off in this run (presets/law.yaml)")
+        if stem == "law_fig4":
+            if LAW and LAW.get("figure"):
+                return _figure(f"results/figures/law_weights_{d0}.png")
+            return _missing("analyses.law.figure is off in this run (presets/law.yaml)")
+        if stem == "order_table3":
+            return _view("segmenters")
+        if stem == "order_table5_6":
+            return _view("order_ablation") if ORDER_ABLATION else _missing(
+                "analyses.order is off in this run (presets/segmenters.yaml)")
+    if paper == "leaf":
+        key = {"table2": "parameterisation", "table3": "lambda", "table4": "stability"}[stem]
+        if LEAF_TABLES and LEAF_TABLES.get(key):
+            return _view(f"leaf_{key}")
+        return _missing(f"analyses.leaf.{key} is off in this run (presets/leaf.yaml)")
+    if paper == "victr":
+        name = {"table2": "victr_synthesis", "table3": "victr_downstream", "table4": "victr_ablation"}[stem]
+        if VICTR_TABLES and stem == "table3":
+            return _victr_downstream_spec()
+        if VICTR_TABLES and name in victr_table_names():
+            return _view(name)
+        preset = "presets/victr_ablation.yaml" if stem == "table4" else "presets/victr.yaml"
+        return _missing(f"analyses.victr{'.ablation' if stem == 'table4' else ''} is off in this run ({preset})")
+    raise ValueError(f"no paper item {paper}/{stem}")
+
+
+def paper_specs(paper):
+    return [dict(paper_item_spec(paper, stem), stem=stem, label=label, title=title)
+            for p, stem, label, title in PAPER_ITEMS if p == paper]
+
+
+def paper_inputs(paper):
+    """The DAG outputs a paper's items read; the fidelity table by name (the methods tables' FID columns)."""
+    fidelity = "results/tables/fidelity.parquet"
+    sources = sorted({source for spec in paper_specs(paper) for source in spec["sources"]} - {fidelity})
+    needs_fidelity = any(s["kind"] == "methods" and s.get("fidelity", True) for s in paper_specs(paper))
+    return dict(sources=sources, **({"fidelity": fidelity} if needs_fidelity else {}))
+
+
+def paper_outputs(paper, for_report=False):
+    """Each item's files and the paper's manifest; with ``for_report``, the item's table or figure is marked for
+    the Snakemake report under the paper (category) and the item (subcategory)."""
+    files = []
+    for spec in paper_specs(paper):
+        shown, *rest = item_outputs(paper, spec["stem"], spec["kind"])
+        if for_report:
+            shown = report(shown, caption="../report/paper_item.rst", category=PAPERS[paper].split(":")[0],
+                           subcategory=f"{spec['label']}: {spec['title']}",
+                           labels={"item": spec["label"], "kind": spec["kind"]})
+        files += [shown, *rest]
+    return files + [f"results/papers/{paper}/manifest.json"]

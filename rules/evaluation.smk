@@ -144,3 +144,31 @@ rule leaf_stability:
         gpu=1,
     script:
         "../scripts/leaf_stability.py"
+
+
+if CROSS_DOMAIN:
+
+    rule evaluate_cross_domain:
+        """A model trained on analyses.cross_domain.train (real-only or real + synthetic), scored on the test split
+        of analyses.cross_domain.test, a dataset of the same kind (the Miner paper's cross-domain table)."""
+        input:
+            model="results/{train}/segmenters/{segmenter}/{trained}",
+            data="results/{test}/data",
+        output:
+            "results/{test}/cross_domain/{train}/eval/{segmenter}/{trained}.parquet",
+        params:
+            code=code("evaluate"),
+        wildcard_constraints:
+            train=DATASET_NAMES,
+            test=DATASET_NAMES,
+            segmenter=r"[^/]+",
+            trained=r"real|[^/]+/[^/]+/seed\d+",
+        log:
+            "logs/{test}/cross_domain/{train}/eval/{segmenter}/{trained}.log",
+        benchmark:
+            "benchmarks/{test}/cross_domain/{train}/eval/{segmenter}/{trained}.tsv"
+        conda:
+            torch_env()
+        threads: 1
+        script:
+            "../scripts/evaluate.py"

@@ -482,3 +482,38 @@ if LEAF_TABLES:
             "../envs/tables.yaml"
         script:
             "../scripts/leaf_tables.py"
+
+
+if ROUNDS:
+
+    localrules:
+        rounds_table,
+
+    rule rounds_table:
+        """VGD's synthesize–train rounds (Fig. 5): each round's set, guided by the previous round's real + synthetic
+        model, its mean value and the Dice of the model trained with it."""
+        input:
+            sets=[run["set"] for run in round_runs()],
+            evals=[run["path"] for run in round_runs()],
+            baseline=[f"results/{d}/eval/{RUN['value_segmenter']}/real.parquet" for d in RUN["datasets"]],
+        output:
+            parquet="results/tables/rounds.parquet",
+            markdown="results/tables/rounds.md",
+            figure=report(
+                "results/figures/rounds.png",
+                caption="../report/rounds.rst",
+                category="Figures",
+                labels={"figure": "synthesize–train rounds (VGD Fig. 5)"},
+            ),
+        params:
+            code=code("rounds_table"),
+            runs=round_runs(),
+            baseline=[dict(dataset=d, segmenter=RUN["value_segmenter"], method="baseline",
+                           seed=config["seeds"]["segmenter"], path=f"results/{d}/eval/{RUN['value_segmenter']}/real.parquet")
+                      for d in RUN["datasets"]],
+        log:
+            "logs/tables/rounds.log",
+        conda:
+            "../envs/tables.yaml"
+        script:
+            "../scripts/rounds_table.py"

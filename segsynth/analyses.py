@@ -1,4 +1,5 @@
-"""The Adversariality Miner paper's analyses: synthesis-budget sweep and adversariality subsets.
+"""The papers' analyses beyond the main table: the Miner paper's synthesis-budget sweep and adversariality
+subsets, and VGD's synthesize–train rounds.
 
 - Budget sweep: the same method at N_s = b × |train| for b in a list (the paper's "gains keep growing with
   budget" for the Miner, saturating for RD). A sweep entry is an ordinary synthesis method whose ``budget`` is
@@ -7,10 +8,17 @@
   paper code's scale 1 − exp(−class-balanced CE) (records column ``adversariality``; the paper's subset
   table: count, share, ΔDSC, per-sample gain ΔDSC (points)/|U|). τ = 0 is the whole set, i.e. the main run.
 
-Both tables read the per-run metrics the evaluation stage wrote; nothing is typed in.
+- Synthesize–train rounds (VGD Fig. 5): round 1 is the guided method's main run; round r ≥ 2 samples the same
+  method guided by f_θ = the segmenter trained on real + round r − 1's set (same seed), so the value model
+  follows the data it is trained on. The table has, per round, the set's mean value under its own f_θ and the
+  Dice of the model trained on real + that set.
+
+Every table reads the per-run metrics the evaluation stage wrote; nothing is typed in.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 
@@ -43,8 +51,7 @@ def adversarial_subset(synthetic_dir, threshold: float, out_dir) -> dict:
 def subset_size(synthetic_dir) -> tuple[int, float]:
     """(count, share of the source set) of a synthetic set: a subset's meta.json, or a whole set (share 1)."""
     import json
-    from pathlib import Path
-
+    
     meta = json.loads((Path(synthetic_dir) / SUBSET_META).read_text())
     n = int(meta["n"])
     if "threshold" not in meta:  # a whole synthetic set (τ = 0)
@@ -64,8 +71,7 @@ def budget_prefix(source_dir, data_dir, method: str, params: dict, seed: int, ou
     size is a runtime setting). Sample ids and the method column are renamed to ``method``, as a direct
     synthesis names them. Refused when the source is not the same method at a larger budget, seed and |train|.
     """
-    from pathlib import Path
-
+    
     import numpy as np
 
     from .config import science
@@ -230,3 +236,49 @@ def _seed_count(table: pd.DataFrame) -> str:
 
 def _signed(value: float) -> str:
     return f"{value:+.1f}"
+
+
+def rounds_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Rows: dataset, generator, segmenter, round, method, seed, mean_value (the round's set under its own f_θ),
+    n_samples, dice (real + the round's set), delta_dice (vs. the real-only Baseline), unit.
+
+    ``runs``: dataset, generator, segmenter, round, method, seed, set (the synthetic set's directory), path (the
+    evaluation of the model trained on real + that set); ``baseline``: dataset, segmenter, method, seed, path."""
+    values = []
+    for run in runs.itertuples(index=False):
+        records = Path(run.set) / "records.parquet"
+        frame = pd.read_parquet(records)
+        if "value" not in frame.columns:
+            raise InputDataError(records, "has no value column (V under f_θ)")
+        values.append({"mean_value": float(frame["value"].mean()), "n_samples": int(len(frame))})
+    dice = _baseline_dice(baseline, _dice_means(runs[["dataset", "segmenter", "method", "seed", "path"]]))
+    table = runs.drop(columns=["set", "path"]).assign(**pd.DataFrame(values, index=runs.index))
+    table = table.merge(dice, on=["dataset", "segmenter", "method", "seed"])
+    table["delta_dice"] = table["dice"] - table["baseline_dice"]
+    return (table[["dataset", "generator", "segmenter", "round", "method", "seed", "mean_value", "n_samples", "dice",
+                   "delta_dice", "baseline_dice", "unit"]]
+            .sort_values(["dataset", "generator", "round", "seed"]).reset_index(drop=True))
+
+
+def rounds_markdown(table: pd.DataFrame) -> str:
+    lines = [f"Synthesize–train rounds (VGD Fig. 5): round 1 is guided by the real-only f_θ, round r ≥ 2 by the "
+             f"model trained on real + round r − 1's set; mean value V of the round's samples under its own f_θ, "
+             f"and DSC (%) of the model trained on real + the round's set, mean ± std over n = {_seed_count(table)} "
+             f"seeds; {units_phrase(dataset_units(table), 'DSC', distances=False)}.", "",
+             "| Dataset · generator · segmenter | Round | Method | Mean V | DSC (%) | ΔDSC (points) |",
+             "|---|---|---|---|---|---|"]
+    for (dataset, generator, segmenter, r, method), rows in table.groupby(
+            ["dataset", "generator", "segmenter", "round", "method"], sort=True):
+        lines.append(f"| {dataset} · {generator} · {segmenter} | {r} | {method} | {mean_std(rows['mean_value'], 4)} | "
+                     f"{mean_std(rows['dice'] * 100.0, 1)} | {mean_std(rows['delta_dice'] * 100.0, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_rounds(runs: pd.DataFrame, baseline: pd.DataFrame, parquet_path, markdown_path, figure_path) -> pd.DataFrame:
+    from .figures import rounds_figure
+
+    table = rounds_table(runs, baseline)
+    write_parquet(parquet_path, table)
+    write_text(markdown_path, rounds_markdown(table))
+    rounds_figure(runs, table, figure_path)
+    return table

@@ -118,6 +118,19 @@ def check_references(config: dict) -> None:
                 raise ConfigError("analyses.leaf.stability", f"row {label!r}: {segmenter!r} is a "
                                   f"{config['segmenters'][segmenter]['kind']}, not a leaf segmenter: only a "
                                   "diffusion segmenter depends on an inference seed")
+    cross = analyses.get("cross_domain")
+    if cross:
+        if cross["train"] not in run["datasets"]:
+            raise ConfigError("analyses.cross_domain.train", f"{cross['train']!r} is not in run.datasets {run['datasets']}")
+        if cross["test"] not in config["datasets"] or cross["test"] == cross["train"]:
+            raise ConfigError("analyses.cross_domain.test", f"{cross['test']!r} is not another dataset defined under "
+                              f"'datasets' (defined: {sorted(config['datasets'])})")
+        train, test = config["datasets"][cross["train"]], config["datasets"][cross["test"]]
+        for key, default in (("channels", 1), ("class_names", None), ("resolution", None)):
+            if train.get(key, default) != test.get(key, default):
+                raise ConfigError("analyses.cross_domain.test", f"{cross['test']!r} has {key} "
+                                  f"{test.get(key, default)!r}, {cross['train']!r} {train.get(key, default)!r}: "
+                                  "a model is tested on a dataset of its own kind")
     for name in run["generators"]:
         entry = config["generators"][name]
         if "victr" not in entry:
@@ -182,6 +195,42 @@ def budget_sources(config: dict) -> dict[str, str]:
         largest = max(family, key=size)  # the first of equal budgets: the method itself
         sources.update({name: largest for name in family if size(name) < size(largest)})
     return sources
+
+
+def round_methods(config: dict) -> dict[str, dict]:
+    """The method entries of the synthesize–train rounds (VGD paper, Fig. 5; ``analyses.rounds``): round r ≥ 2 of
+    ``method`` is ``<method>_round<r>``, the same sampler, whose f_θ is the segmenter trained on real + round r − 1's
+    set (``round_previous``). A derived name that is already a configured method is a ConfigError."""
+    rounds = (config.get("analyses") or {}).get("rounds")
+    if not rounds:
+        return {}
+    method = rounds["method"]
+    if method not in config["methods"]:
+        raise ConfigError("analyses.rounds.method", f"{method!r} is not defined under 'methods'")
+    if config["methods"][method]["sampler"] == "miner":
+        raise ConfigError("analyses.rounds.method", "the Miner is trained against the real-only f_θ; a round's f_θ "
+                          "is a real + synthetic model, so rounds take a sampler that reads f_θ at sampling time")
+    derived = {}
+    for r in range(2, rounds["rounds"] + 1):
+        name = round_name(method, r)
+        if name in config["methods"]:
+            raise ConfigError(f"methods.{name}", f"this name is reserved for round {r} of {method!r} "
+                              "(analyses.rounds); rename the method")
+        derived[name] = dict(config["methods"][method])
+    return derived
+
+
+def round_previous(config: dict) -> dict[str, str]:
+    """{round r ≥ 2's method: round r − 1's method}: the set whose real + synthetic model is round r's f_θ."""
+    rounds = (config.get("analyses") or {}).get("rounds")
+    if not rounds:
+        return {}
+    names = [rounds["method"]] + [round_name(rounds["method"], r) for r in range(2, rounds["rounds"] + 1)]
+    return dict(zip(names[1:], names[:-1]))
+
+
+def round_name(method: str, r: int) -> str:
+    return method if r == 1 else f"{method}_round{r}"
 
 
 def budget_name(method: str, budget: float) -> str:

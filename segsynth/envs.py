@@ -68,15 +68,17 @@ def rule_envs(rules_dir: Path = RULES_DIR) -> dict[str, tuple[str, Path]]:
     """Rule name → (env family, script path), read from the rule files' ``conda:`` and ``script:``."""
     rules = {}
     for path in sorted(rules_dir.glob("*.smk")):
-        for block in re.split(r"^(?=rule \w+:)", path.read_text(), flags=re.M):
-            name = re.match(r"rule (\w+):", block)
+        # rules at the top level, inside an ``if`` (an analysis' rules) or made in a loop (``rule:`` + ``name:``)
+        for block in re.split(r"^(?=[ \t]*rule(?: \w+)?:)", path.read_text(), flags=re.M):
+            name = (re.match(r"[ \t]*rule (\w+):", block)
+                    or re.search(r'^\s+name:\s*\n\s+f?"([\w{}]+)"', block, flags=re.M))
             script = re.search(r'^\s+script:\s*\n\s+"\.\./scripts/([\w.]+)"', block, flags=re.M)
             conda = re.search(r'^\s+conda:\s*\n\s+(.+)$', block, flags=re.M)
             if not (name and script and conda):
                 continue
             env = conda.group(1).strip()
             family = "torch" if env == "torch_env()" else re.fullmatch(r'"\.\./envs/(\w+)\.yaml"', env).group(1)
-            rules[name.group(1)] = (family, ROOT / "scripts" / script.group(1))
+            rules[re.sub(r"\{\w+\}", "*", name.group(1))] = (family, ROOT / "scripts" / script.group(1))
     return rules
 
 

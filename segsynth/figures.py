@@ -127,6 +127,36 @@ def value_distribution(synthetic_dirs: dict[str, Path], out_png) -> None:
     _save_png(fig, out_png)
 
 
+def rounds_figure(runs: pd.DataFrame, table: pd.DataFrame, out_png) -> None:
+    """VGD Fig. 5 as this project can draw it: (a) each round's per-sample value V under its own f_θ, min–max
+    normalised over all rounds of a dataset (the paper's "normalised value scores"), (b) the Dice of the model
+    trained on real + the round's set against the real-only Baseline (final test Dice per round; the paper plots it
+    over epochs, which the DAG does not keep)."""
+    frames = []
+    for run in runs.itertuples(index=False):
+        values = pd.read_parquet(Path(run.set) / "records.parquet")["value"]
+        frames.append(pd.DataFrame({"dataset": run.dataset, "round": run.round, "value": values.to_numpy()}))
+    values = pd.concat(frames, ignore_index=True)
+    span = values.groupby("dataset")["value"].agg(["min", "max"])
+    low, high = span.loc[values["dataset"], "min"].to_numpy(), span.loc[values["dataset"], "max"].to_numpy()
+    values["normalised"] = (values["value"] - low) / np.where(high > low, high - low, 1.0)
+    fig = Figure(figsize=(8.0, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    sns.violinplot(data=values, x="round", y="normalised", hue="dataset", cut=0, inner="quartile", ax=left)
+    left.set_title("(a) normalised value V per sample")
+    left.set_xlabel("round")
+    left.set_ylabel("V (min–max over rounds)")
+    dice = table.assign(dsc=table["dice"] * 100.0)
+    sns.lineplot(data=dice, x="round", y="dsc", hue="dataset", marker="o", errorbar="sd", ax=right)
+    for dataset, base in dice.groupby("dataset")["baseline_dice"].first().items():
+        right.axhline(base * 100.0, linestyle="--", color="grey", linewidth=0.8)
+    right.set_xticks(sorted(dice["round"].unique()))
+    right.set_title("(b) DSC with the round's data (dashed: Baseline)")
+    right.set_xlabel("round")
+    right.set_ylabel("DSC (%)")
+    _save_png(fig, out_png)
+
+
 def _shared_sources(real_ids: pd.Series, sets: dict[str, SyntheticSet], directories: dict) -> list[str]:
     """Real sample ids (in dataset order) whose mask conditioned at least one sample of every set."""
     shared = set(real_ids)

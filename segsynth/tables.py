@@ -403,7 +403,7 @@ def segmenter_markdown(table: pd.DataFrame) -> str:
              "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | IoU (%) | ASD | HD95 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
-        iou = _cell(getattr(r, "iou_mean", float("nan")), getattr(r, "iou_std", float("nan")), 100.0, 1)
+        iou = value_cell(getattr(r, "iou_mean", float("nan")), getattr(r, "iou_std", float("nan")), 100.0, 1)
         lines.append(f"| {r.dataset} | {r.segmenter} | {r.kind} | {r.params:,} | {r.macs / 1e6:.1f} | {r.train_s:.0f} | "
                      f"{100 * r.dice_mean:.1f} ± {100 * r.dice_std:.1f} | {iou} | {r.asd_mean:.2f} ± {r.asd_std:.2f} | "
                      f"{r.hd95_mean:.2f} ± {r.hd95_std:.2f} |")
@@ -580,7 +580,8 @@ ROW_TABLE_COLUMNS = {"steps": ("Steps", 1.0, 0), "fid": ("FID", 1.0, 1), "kid_me
                "dice": ("mDice (%)", 100.0, 1), "iou": ("mIoU (%)", 100.0, 1), "hd95": ("mHD95 (px)", 1.0, 2)}
 
 
-def _cell(value: float, std: float, scale: float, decimals: int) -> str:
+def value_cell(value: float, std: float, scale: float, decimals: int) -> str:
+    """"m ± s" of a mean and std already computed (a single run's std is NaN: only its value; no value, a dash)."""
     if pd.isna(value):
         return "–"
     if pd.isna(std):
@@ -598,7 +599,7 @@ def row_table_markdown(table: pd.DataFrame, caption: str, extra: tuple[str, ...]
         cells = [dataset, row]
         for metric in metrics:
             hit = group[group["metric"] == metric]
-            cells.append(_cell(hit["value"].iloc[0], hit["std"].iloc[0], *ROW_TABLE_COLUMNS[metric][1:]) if len(hit)
+            cells.append(value_cell(hit["value"].iloc[0], hit["std"].iloc[0], *ROW_TABLE_COLUMNS[metric][1:]) if len(hit)
                          else "–")
         cells += [str(group[e].iloc[0]) for e in extra]
         lines.append("| " + " | ".join(cells) + " |")
@@ -725,7 +726,7 @@ def segmenter_rows_markdown(table: pd.DataFrame, caption: str) -> str:
              "|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         lines.append(f"| {r.dataset} | {r.row} | {r.segmenter} | {r.params:,} | "
-                     f"{_cell(r.dice_mean, r.dice_std, 100.0, 1)} | {_cell(r.iou_mean, r.iou_std, 100.0, 1)} |")
+                     f"{value_cell(r.dice_mean, r.dice_std, 100.0, 1)} | {value_cell(r.iou_mean, r.iou_std, 100.0, 1)} |")
     return "\n".join(lines) + "\n"
 
 
