@@ -116,6 +116,13 @@ def round_runs():
             for seed in range(ROUNDS.get("n_seed", config["seeds"]["n_seed"]))]
 
 
+def round_baselines():
+    """The real-only value segmenter per dataset: the rounds' ΔDSC reference."""
+    s = RUN["value_segmenter"]
+    return [dict(dataset=d, segmenter=s, method="baseline", seed=config["seeds"]["segmenter"],
+                 path=f"results/{d}/eval/{s}/real.parquet") for d in RUN["datasets"]]
+
+
 def synthesis_inputs(wildcards):
     inputs = {
         "data": f"results/{wildcards.dataset}/data",
@@ -560,19 +567,20 @@ def paper_specs(paper):
             for p, stem, label, title in PAPER_ITEMS if p == paper]
 
 
-def paper_inputs(paper):
-    """The DAG outputs a paper's items read; the fidelity table by name (the methods tables' FID columns)."""
+def paper_inputs(specs):
+    """The DAG outputs a paper's items (``paper_specs``) read; the fidelity table by name (the methods tables' FID
+    columns)."""
     fidelity = "results/tables/fidelity.parquet"
-    sources = sorted({source for spec in paper_specs(paper) for source in spec["sources"]} - {fidelity})
-    needs_fidelity = any(s["kind"] == "methods" and s.get("fidelity", True) for s in paper_specs(paper))
+    sources = sorted({source for spec in specs for source in spec["sources"]} - {fidelity})
+    needs_fidelity = any(s["kind"] == "methods" and s.get("fidelity", True) for s in specs)
     return dict(sources=sources, **({"fidelity": fidelity} if needs_fidelity else {}))
 
 
-def paper_outputs(paper, for_report=False):
+def paper_outputs(paper, specs, for_report=False):
     """Each item's files and the paper's manifest; with ``for_report``, the item's table or figure is marked for
     the Snakemake report under the paper (category) and the item (subcategory)."""
     files = []
-    for spec in paper_specs(paper):
+    for spec in specs:
         shown, *rest = item_outputs(paper, spec["stem"], spec["kind"])
         if for_report:
             shown = report(shown, caption="../report/paper_item.rst", category=PAPERS[paper].split(":")[0],

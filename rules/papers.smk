@@ -9,19 +9,23 @@ localrules:
     papers_index,
 
 
-for _paper in PAPERS:
+# each paper's items, worked out once per parse
+PAPER_SPECS = {paper: paper_specs(paper) for paper in PAPERS}
+
+
+for _paper, _specs in PAPER_SPECS.items():
 
     rule:
         name:
             f"paper_{_paper}"
         input:
-            **paper_inputs(_paper),
+            **paper_inputs(_specs),
         output:
-            paper_outputs(_paper, for_report=True),
+            paper_outputs(_paper, _specs, for_report=True),
         params:
             code=code("paper_tables"),
             paper=_paper,
-            specs=paper_specs(_paper),
+            specs=_specs,
         log:
             f"logs/papers/{_paper}.log",
         conda:
@@ -55,5 +59,5 @@ rule papers_index:
 rule papers:
     """Every paper's tables and figures, and their index."""
     input:
-        [f for paper in PAPERS for f in paper_outputs(paper)],
+        [f for paper, specs in PAPER_SPECS.items() for f in paper_outputs(paper, specs)],
         "results/papers/README.md",

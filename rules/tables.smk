@@ -495,7 +495,7 @@ if ROUNDS:
         input:
             sets=[run["set"] for run in round_runs()],
             evals=[run["path"] for run in round_runs()],
-            baseline=[f"results/{d}/eval/{RUN['value_segmenter']}/real.parquet" for d in RUN["datasets"]],
+            baseline=[run["path"] for run in round_baselines()],
         output:
             parquet="results/tables/rounds.parquet",
             markdown="results/tables/rounds.md",
@@ -508,9 +508,7 @@ if ROUNDS:
         params:
             code=code("rounds_table"),
             runs=round_runs(),
-            baseline=[dict(dataset=d, segmenter=RUN["value_segmenter"], method="baseline",
-                           seed=config["seeds"]["segmenter"], path=f"results/{d}/eval/{RUN['value_segmenter']}/real.parquet")
-                      for d in RUN["datasets"]],
+            baseline=round_baselines(),
         log:
             "logs/tables/rounds.log",
         conda:

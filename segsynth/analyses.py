@@ -51,7 +51,7 @@ def adversarial_subset(synthetic_dir, threshold: float, out_dir) -> dict:
 def subset_size(synthetic_dir) -> tuple[int, float]:
     """(count, share of the source set) of a synthetic set: a subset's meta.json, or a whole set (share 1)."""
     import json
-    
+
     meta = json.loads((Path(synthetic_dir) / SUBSET_META).read_text())
     n = int(meta["n"])
     if "threshold" not in meta:  # a whole synthetic set (τ = 0)
@@ -71,7 +71,6 @@ def budget_prefix(source_dir, data_dir, method: str, params: dict, seed: int, ou
     size is a runtime setting). Sample ids and the method column are renamed to ``method``, as a direct
     synthesis names them. Refused when the source is not the same method at a larger budget, seed and |train|.
     """
-    
     import numpy as np
 
     from .config import science
@@ -238,21 +237,31 @@ def _signed(value: float) -> str:
     return f"{value:+.1f}"
 
 
-def rounds_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
-    """Rows: dataset, generator, segmenter, round, method, seed, mean_value (the round's set under its own f_θ),
-    n_samples, dice (real + the round's set), delta_dice (vs. the real-only Baseline), unit.
-
-    ``runs``: dataset, generator, segmenter, round, method, seed, set (the synthetic set's directory), path (the
-    evaluation of the model trained on real + that set); ``baseline``: dataset, segmenter, method, seed, path."""
-    values = []
+def round_values(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every sample's value V under its round's f_θ: dataset, round, method, seed, value (one read of each set's
+    records, for the table and the figure)."""
+    frames = []
     for run in runs.itertuples(index=False):
         records = Path(run.set) / "records.parquet"
         frame = pd.read_parquet(records)
         if "value" not in frame.columns:
             raise InputDataError(records, "has no value column (V under f_θ)")
-        values.append({"mean_value": float(frame["value"].mean()), "n_samples": int(len(frame))})
+        frames.append(pd.DataFrame({"dataset": run.dataset, "round": run.round, "method": run.method,
+                                    "seed": run.seed, "value": frame["value"].to_numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def rounds_table(runs: pd.DataFrame, values: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Rows: dataset, generator, segmenter, round, method, seed, mean_value (the round's set under its own f_θ),
+    n_samples, dice (real + the round's set), delta_dice (vs. the real-only Baseline), unit.
+
+    ``runs``: dataset, generator, segmenter, round, method, seed, set (the synthetic set's directory), path (the
+    evaluation of the model trained on real + that set); ``values``: :func:`round_values` of ``runs``;
+    ``baseline``: dataset, segmenter, method, seed, path."""
+    means = (values.groupby(["dataset", "round", "method", "seed"])["value"]
+             .agg(mean_value="mean", n_samples="size").reset_index())
     dice = _baseline_dice(baseline, _dice_means(runs[["dataset", "segmenter", "method", "seed", "path"]]))
-    table = runs.drop(columns=["set", "path"]).assign(**pd.DataFrame(values, index=runs.index))
+    table = runs.drop(columns=["set", "path"]).merge(means, on=["dataset", "round", "method", "seed"])
     table = table.merge(dice, on=["dataset", "segmenter", "method", "seed"])
     table["delta_dice"] = table["dice"] - table["baseline_dice"]
     return (table[["dataset", "generator", "segmenter", "round", "method", "seed", "mean_value", "n_samples", "dice",
@@ -277,8 +286,9 @@ def rounds_markdown(table: pd.DataFrame) -> str:
 def write_rounds(runs: pd.DataFrame, baseline: pd.DataFrame, parquet_path, markdown_path, figure_path) -> pd.DataFrame:
     from .figures import rounds_figure
 
-    table = rounds_table(runs, baseline)
+    values = round_values(runs)
+    table = rounds_table(runs, values, baseline)
     write_parquet(parquet_path, table)
     write_text(markdown_path, rounds_markdown(table))
-    rounds_figure(runs, table, figure_path)
+    rounds_figure(values, table, figure_path)
     return table

@@ -127,16 +127,13 @@ def value_distribution(synthetic_dirs: dict[str, Path], out_png) -> None:
     _save_png(fig, out_png)
 
 
-def rounds_figure(runs: pd.DataFrame, table: pd.DataFrame, out_png) -> None:
+def rounds_figure(values: pd.DataFrame, table: pd.DataFrame, out_png) -> None:
     """VGD Fig. 5 as this project can draw it: (a) each round's per-sample value V under its own f_θ, min–max
     normalised over all rounds of a dataset (the paper's "normalised value scores"), (b) the Dice of the model
     trained on real + the round's set against the real-only Baseline (final test Dice per round; the paper plots it
-    over epochs, which the DAG does not keep)."""
-    frames = []
-    for run in runs.itertuples(index=False):
-        values = pd.read_parquet(Path(run.set) / "records.parquet")["value"]
-        frames.append(pd.DataFrame({"dataset": run.dataset, "round": run.round, "value": values.to_numpy()}))
-    values = pd.concat(frames, ignore_index=True)
+    over epochs, which the DAG does not keep). ``values``: ``segsynth.analyses.round_values``; ``table``: its
+    ``rounds_table``."""
+    values = values.copy()
     span = values.groupby("dataset")["value"].agg(["min", "max"])
     low, high = span.loc[values["dataset"], "min"].to_numpy(), span.loc[values["dataset"], "max"].to_numpy()
     values["normalised"] = (values["value"] - low) / np.where(high > low, high - low, 1.0)
