@@ -18,7 +18,7 @@ min_version("9.0")
 if workflow.basedir not in sys.path:
     sys.path.insert(0, workflow.basedir)
 
-from segsynth.config import schema_file
+from segsynth.config import for_dataset, schema_file
 
 
 configfile: "config.yaml"
@@ -29,6 +29,10 @@ report: "report/workflow.rst"
 
 # schemas/config.schema.yaml, through a JSON copy that parses in milliseconds (segsynth.config.schema_file)
 validate(config, schema_file(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
+# ... and so must each dataset's view of it, its overrides merged in (datasets.<name>.overrides)
+for _dataset, _entry in config["datasets"].items():
+    if _entry.get("overrides"):
+        validate(for_dataset(config, _dataset), schema_file(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
 
 
 include: "rules/common.smk"

@@ -4,9 +4,9 @@ import re
 from pathlib import Path
 
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
-                             canonical, check_references, dataset_sources, method_params, miner_schedule,
-                             round_methods, round_name, round_previous, science, subset_name, used_methods,
-                             victr_source, weight_sources)
+                             canonical, check_references, dataset_sources, for_dataset, method_params, miner_schedule,
+                             round_methods, round_name, round_previous, science, subset_name, synthesizes, trains_on,
+                             used_methods, victr_source, weight_sources)
 from segsynth.papers import (PAPERS, PAPER_ITEMS, VGD_TABLE1_ROWS, VGD_TABLE3_ROWS, VGD_FIG7_ROWS,
                              MINER_BACKBONE_ROWS, item_outputs)
 from segsynth.provenance import code_version
@@ -65,6 +65,11 @@ def torch_env():
     return f"../envs/torch-{config['torch_build']}.yaml"
 
 
+def generator_entry(dataset, generator):
+    """A generator's entry as ``dataset``'s jobs see it (its ``overrides`` merged in)."""
+    return for_dataset(config, dataset)["generators"][generator]
+
+
 def real_only_params(wildcards):
     """A segmenter entry's science without its protocol keys: what decides a model trained from scratch on one
     data source (the real-only model, a synthetic-only model)."""
@@ -112,8 +117,8 @@ def round_runs():
     return [dict(dataset=d, generator=g, segmenter=s, round=r, method=round_name(ROUNDS["method"], r), seed=seed,
                  set=f"results/{d}/synthetic/{g}/{round_name(ROUNDS['method'], r)}/seed{seed}",
                  path=f"results/{d}/eval/{s}/{g}/{round_name(ROUNDS['method'], r)}/seed{seed}.parquet")
-            for d in RUN["datasets"] for g in RUN["generators"] for r in range(1, ROUNDS["rounds"] + 1)
-            for seed in range(ROUNDS.get("n_seed", config["seeds"]["n_seed"]))]
+            for d in RUN["datasets"] for g in RUN["generators"] if synthesizes(config, g, ROUNDS["method"])
+            for r in range(1, ROUNDS["rounds"] + 1) for seed in range(ROUNDS.get("n_seed", config["seeds"]["n_seed"]))]
 
 
 def round_baselines():
@@ -162,8 +167,14 @@ def augmented_runs():
         for s in RUN["segmenters"]
         for g in RUN["generators"]
         for m in RUN["methods"]
+        if synthesizes(config, g, m) and trains_on(config, s, m)
         for seed in SEEDS
     ]
+
+
+def generator_methods(generator):
+    """The methods the run samples with ``generator`` (run.generator_methods narrows run.methods)."""
+    return [m for m in RUN["methods"] if synthesizes(config, generator, m)]
 
 
 def method_label(generator, method):
@@ -188,7 +199,7 @@ def adherence_runs():
              path=f"results/{d}/adherence/{g}/{m}/seed{seed}.parquet")
         for d in RUN["datasets"]
         for g in RUN["generators"]
-        for m in RUN["methods"]
+        for m in generator_methods(g)
         for seed in SEEDS
     ]
 
@@ -200,7 +211,7 @@ def fidelity_runs():
              path=f"results/{d}/fidelity/{g}/{m}/seed{seed}.parquet")
         for d in RUN["datasets"]
         for g in RUN["generators"]
-        for m in RUN["methods"]
+        for m in generator_methods(g)
         for seed in SEEDS
     ]
 
@@ -228,6 +239,7 @@ def budget_runs():
              path=f"results/{d}/eval/{s}/{g}/{m if float(b) == 1.0 else budget_name(m, b)}/seed{seed}.parquet")
         for d, s, g in segmenter_blocks()
         for m in BUDGET["methods"]
+        if synthesizes(config, g, m) and trains_on(config, s, m)
         for b in BUDGET["budgets"]
         for seed in seeds
     ]
@@ -240,6 +252,8 @@ def subset_runs():
     m = SUBSETS["method"]
     rows = []
     for d, s, g in segmenter_blocks():
+        if not (synthesizes(config, g, m) and trains_on(config, s, m)):
+            continue
         for tau in SUBSETS["thresholds"]:
             name = m if float(tau) == 0.0 else subset_name(m, tau)
             for seed in range(SUBSETS.get("n_seed", config["seeds"]["n_seed"])):
@@ -258,6 +272,7 @@ def synthetic_only_runs():
              path=f"results/{d}/synthetic_only/eval/{s}/{g}/{m}/seed{seed}.parquet")
         for d, s, g in segmenter_blocks()
         for m in SYNTHETIC_ONLY["methods"]
+        if synthesizes(config, g, m) and trains_on(config, s, m)
         for seed in range(SYNTHETIC_ONLY.get("n_seed", config["seeds"]["n_seed"]))
     ]
 
@@ -331,7 +346,8 @@ def victr_benchmarks():
     """Each ViCTr row's synthesis benchmark files (their wall seconds give the seconds per image)."""
     rows = {**VICTR_TABLES["synthesis"], **(VICTR_TABLES.get("ablation") or {})}
     return {f"{d}/{r['generator']}/{r['method']}/seed{s}": f"benchmarks/{d}/synthetic/{r['generator']}/{r['method']}/seed{s}.tsv"
-            for d in RUN["datasets"] for r in rows.values() for s in SEEDS}
+            for d in RUN["datasets"] for r in rows.values() for s in SEEDS
+            if not is_prefix(r["method"], s)}  # a budget prefix is cut from a larger set, not synthesised
 
 
 def law_generators():
@@ -446,6 +462,8 @@ def _methods_spec(rows, reference, preset, segmenters=None):
             return f"`{method}` is not in this run's run.methods ({preset} runs it)"
         if generator not in RUN["generators"]:
             return f"generator `{generator}` is not in this run's run.generators ({preset} trains it)"
+        if not synthesizes(config, generator, method):
+            return f"this run samples `{method}` with other generators than `{generator}` (run.generator_methods)"
         return None
 
     absent = {labels[label]: why(*pair) for label, pair in pairs.items() if why(*pair)}

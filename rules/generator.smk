@@ -3,14 +3,14 @@ rule train_generator:
     flow generator (Stage 1 on its source dataset's splits, Stage 2 on this dataset's)."""
     input:
         data="results/{dataset}/data",
-        weights=lambda wc: weight_sources(config["generators"][wc.generator]),
-        source=lambda wc: victr_source(config["generators"][wc.generator]),
+        weights=lambda wc: weight_sources(generator_entry(wc.dataset, wc.generator)),
+        source=lambda wc: victr_source(generator_entry(wc.dataset, wc.generator)),
     output:
         directory("results/{dataset}/generators/{generator}"),
     # Params are what decides the result (Snakemake's rerun triggers): the job reads the whole entry, runtime
     # settings such as checkpoint_every included, from the config.
     params:
-        generator=lambda wc: science("generator", config["generators"][wc.generator]),
+        generator=lambda wc: science("generator", generator_entry(wc.dataset, wc.generator)),
         seed=config["seeds"]["generator"],
         prompt_template=lambda wc: config["datasets"][wc.dataset].get("prompt_template", "{classes}"),
         code=code("train_generator"),

@@ -9,7 +9,7 @@ rule train_miner:
     output:
         directory("results/{dataset}/miners/{generator}/{segmenter}"),
     params:
-        miner=science("miner", config["miner"]),  # the job reads checkpoint_every from the config
+        miner=lambda wc: science("miner", for_dataset(config, wc.dataset)["miner"]),  # the job reads checkpoint_every from the config
         seed=config["seeds"]["miner"],
         # the miner method's sampling schedule: training rollouts are its first miner.rollout_steps steps
         schedule=lambda wildcards: miner_schedule(config, wildcards.dataset),

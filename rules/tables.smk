@@ -140,7 +140,7 @@ rule sample_figure:
             "results/{dataset}/synthetic/{generator}/{method}/seed0",
             dataset=wc.dataset,
             generator=wc.generator,
-            method=RUN["methods"],
+            method=generator_methods(wc.generator),
         ),
     output:
         report(
@@ -151,7 +151,7 @@ rule sample_figure:
         ),
     params:
         code=code("sample_figure"),
-        methods=RUN["methods"],
+        methods=lambda wc: generator_methods(wc.generator),
     wildcard_constraints:
         dataset=DATASET_NAMES,
         generator=GENERATOR_NAMES,
@@ -193,7 +193,7 @@ rule value_figure:
             "results/{dataset}/synthetic/{generator}/{method}/seed{seed}",
             dataset=wc.dataset,
             generator=wc.generator,
-            method=RUN["methods"],
+            method=generator_methods(wc.generator),
             seed=SEEDS,
         ),
     output:
@@ -205,7 +205,7 @@ rule value_figure:
         ),
     params:
         code=code("value_figure"),
-        sets=[(m, s) for m in RUN["methods"] for s in SEEDS],
+        sets=lambda wc: [(m, s) for m in generator_methods(wc.generator) for s in SEEDS],
     wildcard_constraints:
         dataset=DATASET_NAMES,
         generator=GENERATOR_NAMES,

@@ -1,8 +1,10 @@
+from segsynth.config import for_dataset
 from segsynth.generator.train import train_generator
 from segsynth.victr import train_victr
 from segsynth.workflow import run_logged
 
-cfg = snakemake.config["generators"][snakemake.wildcards.generator]  # params.generator without runtime keys
+# params.generator without runtime keys, as this dataset sees it (its overrides merged in)
+cfg = for_dataset(snakemake.config, snakemake.wildcards.dataset)["generators"][snakemake.wildcards.generator]
 if "victr" in cfg:
     source = snakemake.input.source
     run_logged(

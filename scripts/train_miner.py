@@ -1,10 +1,11 @@
+from segsynth.config import for_dataset
 from segsynth.miner import train_miner
 from segsynth.workflow import run_logged
 
 run_logged(
     snakemake,
     train_miner,
-    cfg=snakemake.config["miner"],  # params.miner without runtime keys
+    cfg=for_dataset(snakemake.config, snakemake.wildcards.dataset)["miner"],  # params.miner without runtime keys
     data_dir=snakemake.input.data,
     generator_dir=snakemake.input.generator,
     value_model_dir=snakemake.input.value_model,

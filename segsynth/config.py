@@ -6,6 +6,8 @@ types and ranges; ``check_references`` checks that every name the ``run`` sectio
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import yaml
@@ -65,6 +67,19 @@ def check_references(config: dict) -> None:
             if name not in config[section]:
                 raise ConfigError(f"run.{section}", f"{name!r} is not defined under '{section}' "
                                   f"(defined: {sorted(config[section])})")
+    for dataset, entry in config["datasets"].items():
+        for section, update in (entry.get("overrides") or {}).items():
+            for name in update if section != "miner" else ():
+                if name not in config[section]:
+                    raise ConfigError(f"datasets.{dataset}.overrides.{section}", f"{name!r} is not defined under "
+                                      f"'{section}' (an override changes an entry, it does not add one)")
+    for key, section in (("generator_methods", "generators"), ("segmenter_methods", "segmenters")):
+        for name, methods in (run.get(key) or {}).items():
+            if name not in run[section]:
+                raise ConfigError(f"run.{key}", f"{name!r} is not in run.{section} {run[section]}")
+            for method in methods:
+                if method not in run["methods"]:
+                    raise ConfigError(f"run.{key}.{name}", f"{method!r} is not in run.methods {run['methods']}")
     if run["value_segmenter"] not in config["segmenters"]:
         raise ConfigError("run.value_segmenter", f"{run['value_segmenter']!r} is not defined under 'segmenters'")
     judge = run.get("adherence_judge")
@@ -89,6 +104,10 @@ def check_references(config: dict) -> None:
                 raise ConfigError(key, f"{generator!r} is not in run.generators {run['generators']}")
         if law.get("method", "rd") not in run["methods"]:
             raise ConfigError("analyses.law.method", f"{law.get('method', 'rd')!r} is not in run.methods")
+        for key, generator in rows:
+            if not synthesizes(config, generator, law.get("method", "rd")):
+                raise ConfigError("run.generator_methods", f"generator {generator!r} ({key}) does not sample "
+                                  f"{law.get('method', 'rd')!r}, the LAW tables' method")
         if law.get("segmenter") and law["segmenter"] not in run["segmenters"]:
             raise ConfigError("analyses.law.segmenter", f"{law['segmenter']!r} is not in run.segmenters")
         figure = law.get("figure")
@@ -104,6 +123,9 @@ def check_references(config: dict) -> None:
                 if row["method"] not in run["methods"]:
                     raise ConfigError(f"analyses.victr.{table}", f"row {label!r}: method {row['method']!r} is not "
                                       f"in run.methods {run['methods']}")
+                if not synthesizes(config, row["generator"], row["method"]):
+                    raise ConfigError("run.generator_methods", f"analyses.victr.{table} row {label!r}: generator "
+                                      f"{row['generator']!r} does not sample {row['method']!r}")
         if victr.get("segmenter") and victr["segmenter"] not in run["segmenters"]:
             raise ConfigError("analyses.victr.segmenter", f"{victr['segmenter']!r} is not in run.segmenters")
     for segmenter in ((analyses.get("order") or {}).get("segmenters") or {}).values():
@@ -268,16 +290,51 @@ def synthesis_defaults(config: dict, dataset: str) -> dict:
     return params
 
 
+#: the shared sections a dataset may override for its own jobs (``datasets.<name>.overrides``)
+OVERRIDABLE = ("generators", "methods", "miner")
+
+
+def for_dataset(config: dict, dataset: str) -> dict:
+    """The config as ``dataset``'s jobs see it: ``datasets.<dataset>.overrides`` merged over the shared
+    ``generators``, ``methods`` and ``miner`` sections. One run can then hold datasets that need their own
+    recipe under the same names (the grey MNI152 default fine-tunes the shipped checkpoint, an RGB polyp
+    dataset trains the same generator from scratch), so every table lines the datasets up row by row."""
+    overrides = config["datasets"][dataset].get("overrides") or {}
+    if not overrides:
+        return config
+    merged = dict(config)
+    for section, update in overrides.items():
+        merged[section] = copy.deepcopy(config[section])
+        _merge(merged[section], update)
+    return merged
+
+
 def method_params(config: dict, dataset: str, method: str) -> dict:
-    """The settings of one synthesis job: synthesis defaults < the dataset's guidance scales < the method entry."""
+    """The settings of one synthesis job: synthesis defaults < the dataset's guidance scales < the method entry
+    (the dataset's override of it included)."""
     params = synthesis_defaults(config, dataset)
-    params.update(config["methods"][method])
+    params.update(for_dataset(config, dataset)["methods"][method])
     return canonical(params)
 
 
 #: the settings of a method that decide its DDIM trajectory (its x_T, steps and denoiser), which the Miner is
 #: trained on: a Miner trained on one schedule's prefix is not the Miner of another schedule
 SCHEDULE_KEYS = ("steps", "eta", "guidance_scale", "mask_guidance_scale")
+
+
+def synthesizes(config: dict, generator: str, method: str) -> bool:
+    """Whether the run samples ``method`` with ``generator``: every run.methods × run.generators pair, unless
+    ``run.generator_methods`` lists the generator's own methods (a run that holds several papers' generators
+    samples each with the methods its tables use, not the product)."""
+    only = (config["run"].get("generator_methods") or {}).get(generator)
+    return only is None or method in only
+
+
+def trains_on(config: dict, segmenter: str, method: str) -> bool:
+    """Whether ``segmenter`` trains on real + each ``method`` set: all of them, unless ``run.segmenter_methods``
+    lists the segmenter's own ([] for a real-only model, e.g. the segmenter papers' rows)."""
+    only = (config["run"].get("segmenter_methods") or {}).get(segmenter)
+    return only is None or method in only
 
 
 def used_methods(config: dict) -> list[str]:

@@ -2,6 +2,7 @@
 DAG, the paired test's pairing, rows and items the run does not make kept with their reason, and the targets as
 views over a real run's outputs."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,8 @@ from scipy.stats import wilcoxon
 import yaml
 
 from conftest import REPO
-from segsynth.config import check_references, round_methods, round_previous
+from segsynth.config import (check_references, for_dataset, method_params, read_configs, round_methods,
+                             round_previous, synthesizes, trains_on)
 from segsynth.errors import ConfigError
 from segsynth.paper_tables import methods_markdown, methods_table, paired_wilcoxon, write_index, write_item
 from segsynth.papers import PAPER_ITEMS, PAPERS
@@ -139,6 +141,60 @@ def test_snakemake_papers_lists_every_paper_target(tmp_path):
         assert counts[f"paper_{paper}"] == 1
         items = [stem for p, stem, *_ in PAPER_ITEMS if p == paper]
         assert all(f"results/papers/{paper}/{stem}." in result.stdout for stem in items), paper
+
+
+def test_a_dataset_override_changes_that_datasets_entries_only():
+    config = read_configs([REPO / "config.yaml", REPO / "presets" / "papers_cpu.yaml"])
+    check_references(config)
+    kvasir, mni = for_dataset(config, "kvasir"), for_dataset(config, "mni152")
+    assert mni is config and config["generators"]["tiny"]["init"] == "mni152_tiny"
+    assert kvasir["generators"]["tiny"]["init"] is None and kvasir["generators"]["tiny"]["training"]["steps"] == 2000
+    # merged, not replaced: the rest of the entry is the shared one's
+    assert kvasir["generators"]["tiny"]["training"]["lr"] == config["generators"]["tiny"]["training"]["lr"]
+    assert kvasir["miner"]["lr"] == 3.0e-3 and kvasir["miner"]["steps"] == config["miner"]["steps"]
+    assert method_params(config, "kvasir", "vgd_fast")["k"] == 0.02 and "k" not in method_params(config, "mni152", "vgd_fast")
+    config["datasets"]["kvasir"]["overrides"]["generators"]["tinny"] = {"init": None}
+    with pytest.raises(ConfigError, match="'tinny' is not defined under 'generators'") as err:
+        check_references(config)
+    assert err.value.key == "datasets.kvasir.overrides.generators"
+
+
+def test_run_generator_and_segmenter_methods_narrow_the_product():
+    config = read_configs([REPO / "config.yaml", REPO / "presets" / "papers_cpu.yaml"])
+    assert synthesizes(config, "tiny", "vgd") and not synthesizes(config, "law-law", "vgd")
+    assert synthesizes(config, "law-law", "rd_law") and not synthesizes(config, "tiny", "rd_law")
+    assert trains_on(config, "unet", "vgd") and not trains_on(config, "order", "rd")
+    config["run"]["generator_methods"]["law-law"] = ["rd"]
+    with pytest.raises(ConfigError, match="does not sample 'rd_law', the LAW tables' method"):
+        check_references(config)
+    config["run"]["generator_methods"]["law-law"] = ["nope"]
+    with pytest.raises(ConfigError, match="'nope' is not in run.methods") as err:
+        check_references(config)
+    assert err.value.key == "run.generator_methods.law-law"
+
+
+def test_the_cpu_papers_preset_makes_every_paper_item_on_both_datasets(tmp_path):
+    """presets/papers_cpu.yaml: every item of every paper is a table or figure (none empty), on MNI152 and
+    Kvasir-SEG, each generator sampling only its tables' methods and each dataset training its own recipe."""
+    result = snakemake("-n", "papers", "--configfile", str(REPO / "config.yaml"),
+                       str(REPO / "presets" / "papers_cpu.yaml"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    for rule in ("law_tables", "victr_tables", "leaf_tables", "order_ablation_table", "rounds_table", "budget_table",
+                 "subset_table", "law_figure", "papers_index"):
+        assert counts[rule] == 1, rule
+    # tiny: 8 methods; law-*: rd_law; victr, victr-notweedie: rd_4; VGD's round 2 — × 2 seeds × 2 datasets;
+    # the budget's half sets are cut from RD's
+    assert counts["synthesize"] == (8 + 2 + 2 + 1) * 2 * 2 and counts["budget_prefix"] == 2 * 2
+    assert counts["train_generator"] == 5 * 2 and counts["train_segmenter_real"] == 7 * 2
+    assert "results/mni152/synthetic/law-law/rd_law/seed1" in result.stdout
+    assert "synthetic/law-law/rd/" not in result.stdout and "synthetic/tiny/rd_law/" not in result.stdout
+    assert "eval/order/tiny/" not in result.stdout  # the segmenter papers' models are real-only
+    # Kvasir's LAW generators fine-tune its own generator (trained from scratch), MNI152's the shipped one
+    assert re.search(r"input: results/kvasir/data, results/kvasir/generators/tiny\n\s+output: "
+                     r"results/kvasir/generators/law-law", result.stdout)
+    assert not re.search(r"input: results/mni152/data, results/mni152/generators/tiny\n\s+output: "
+                         r"results/mni152/generators/law-law", result.stdout)
 
 
 @pytest.mark.parametrize("preset, rule, expected", [
