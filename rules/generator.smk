@@ -22,6 +22,9 @@ rule train_generator:
     conda:
         torch_env()
     threads: 2
+    # Every synthesis job of the dataset waits for its generator, the longest job of most runs: start it first
+    # (above the Miner's 10), not after the real-only segmenters that happen to be ready at the same time.
+    priority: 20
     resources:
         gpu=1,
     script:
