@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: default-generator demo test test-slow test-envs test-slurm gpu-check ci install envs slurm-profile report lint dryrun paper-dryrun paper-plan clean
+.PHONY: default-generator demo test test-slow test-envs test-slurm gpu-check ci install envs slurm-profile report lint dryrun paper-dryrun paper-plan papers-plan clean
 
 install: $(STAMP)
 
@@ -122,6 +122,13 @@ PAPER_PLAN_FLAGS ?=
 paper-plan: $(STAMP)
 	@tmp=$$(mktemp -d) && $(PY) -m segsynth.data.placeholders $$tmp > /dev/null && \
 	$(PY) -m segsynth.plan $(PAPER_PLAN_FLAGS) --configfile config.yaml presets/paper.yaml $$tmp/paths.yaml
+
+# The same for every paper's tables (`snakemake papers`): presets/paper.yaml + presets/papers_gpu.yaml (LAW/ORDER,
+# LEAF and ViCTr on SD v1.5, VGD's ablations, sweep and rounds, the cross-domain set), on placeholder datasets.
+papers-plan: $(STAMP)
+	@tmp=$$(mktemp -d) && $(PY) -m segsynth.data.placeholders $$tmp > /dev/null && \
+	$(PY) -m segsynth.plan $(PAPER_PLAN_FLAGS) --target papers --configfile config.yaml presets/paper.yaml \
+		presets/papers_gpu.yaml $$tmp/paths.yaml $$tmp/paths_papers.yaml
 
 clean:
 	rm -rf results logs benchmarks .snakemake

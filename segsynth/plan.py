@@ -44,7 +44,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import MASK_VAE_DEFAULTS, budget_methods, candidate_source, denoiser_passes, method_params, read_configs
+from .config import (MASK_VAE_DEFAULTS, budget_methods, candidate_source, denoiser_passes, for_dataset, method_params,
+                     read_configs, round_methods)
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -185,6 +186,9 @@ PAPER_SIZES = {
     # |test| at 7:3 → 621.
     "polyps": {"train": 1450, "test": 621, "classes": 1,
                "source": "Polyps: Kvasir-SEG + CVC-ClinicDB, 1,450 train images (PraNet), 7:3 → 621 test"},
+    # presets/papers_gpu.yaml's cross-domain test set: ETIS-LaribPolypDB, 196 images, 9:1 → 176 test
+    "polyps_unseen": {"train": 20, "test": 176, "classes": 1,
+                      "source": "ETIS-LaribPolypDB: 196 images, test_fraction 0.9 → 176 test"},
     # The embedded default (README, "The embedded default": measured).
     "mni152": {"train": 87, "test": 40, "classes": 3, "source": "MNI152 default: 87/40 slices (README)"},
 }
@@ -238,11 +242,14 @@ def parse_dry_run(text: str) -> list[Job]:
     return parsed
 
 
-def dry_run(configfiles, workdir=".", snakefile=SNAKEFILE, remaining: bool = False) -> str:
-    """``snakemake -n [-F] --nolock`` on the config files, in ``workdir``: its listing of every job."""
+def dry_run(configfiles, workdir=".", snakefile=SNAKEFILE, remaining: bool = False, targets=()) -> str:
+    """``snakemake -n [-F] --nolock`` on the config files, in ``workdir``: its listing of every job (of ``targets``,
+    default the workflow's default target)."""
     executable = Path(sys.executable).with_name("snakemake")
     command = [str(executable) if executable.exists() else "snakemake", "-s", str(snakefile), "-n", "--nolock",
                "-d", str(workdir), "--configfile", *[str(Path(f).resolve()) for f in configfiles]]
+    if targets:
+        command += ["--", *targets]
     if not remaining:
         command.insert(4, "-F")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -254,9 +261,11 @@ def dry_run(configfiles, workdir=".", snakefile=SNAKEFILE, remaining: bool = Fal
 
 def load_config(configfiles) -> dict:
     """The config as the Snakefile sees it: the files merged in order (nested mappings merged, as Snakemake
-    merges ``--configfile``s), with the budget sweep's derived methods added as rules/common.smk adds them."""
+    merges ``--configfile``s), with the budget sweep's and the rounds' derived methods added as rules/common.smk
+    adds them."""
     config = read_configs(configfiles)
     config["methods"].update(budget_methods(config))
+    config["methods"].update(round_methods(config))
     return config
 
 
@@ -318,7 +327,8 @@ def dataset_sizes(config: dict, workdir=".") -> dict:
     import json
 
     sizes = {}
-    for name in config["run"]["datasets"]:
+    cross = (config.get("analyses") or {}).get("cross_domain")
+    for name in [*config["run"]["datasets"], *([cross["test"]] if cross else [])]:
         entry = config["datasets"][name]
         meta_path = Path(workdir) / "results" / name / "data" / "meta.json"
         if meta_path.is_file():
@@ -411,7 +421,7 @@ def synthesis_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
 
 def generator_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
     config, d, g = ctx.config, wc["dataset"], wc["generator"]
-    entry = config["generators"][g]
+    entry = for_dataset(config, d)["generators"][g]  # the dataset's own recipe (datasets.<name>.overrides)
     training = entry["training"]
     if _latent(config, g):
         step = GENERATOR_STEP_S * training["batch_size"] / REFERENCE_BATCH * _pixels(config, d)
@@ -435,7 +445,7 @@ def generator_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
 
 def miner_cost(ctx: Context, wc: dict, scenario: Scenario) -> Cost:
     config, d, g = ctx.config, wc["dataset"], wc["generator"]
-    miner = config["miner"]
+    miner = for_dataset(config, d)["miner"]
     latent = _latent(config, g)
     cfg = 1.0 if config["synthesis"]["guidance_scale"] > 1 else 0.5
     per_sample = (miner["rollout_steps"] + (MINER_SAMPLE_FIXED_STEPS if latent else 0.2)) \
@@ -465,7 +475,9 @@ def segmenter_cost(ctx: Context, rule: str, wc: dict, scenario: Scenario) -> Cos
         p = method_params(config, d, wc["method"]) if wc["method"] in config["methods"] else {"budget": 1.0}
         n_synthetic = int(round(float(p.get("budget", 1.0)) * ctx.sizes[d]["train"]))
     cont = augmented and protocol_of(entry, scenario) == "continue"
-    label = f"segmenter {s}: " + ("real + synthetic" if augmented else "real only")
+    # a synthetic-only model trains from scratch as the real-only one does, on one synthetic set
+    label = f"segmenter {s}: " + ("real + synthetic" if augmented else
+                                  "synthetic only" if rule == "train_segmenter_synthetic_only" else "real only")
     if cont:
         label += " (continue)"
     pixels = _pixels(config, d)
@@ -547,10 +559,12 @@ def job_cost(ctx: Context, job: Job, scenario: Scenario) -> Cost:
         return miner_cost(ctx, wc, scenario)
     if rule == "train_mask_vae":
         return mask_vae_cost(ctx, wc)
-    if rule in ("train_segmenter_real", "train_segmenter_augmented"):
+    if rule in ("train_segmenter_real", "train_segmenter_augmented", "train_segmenter_synthetic_only"):
         return segmenter_cost(ctx, rule, wc, scenario)
-    if rule in ("evaluate_real", "evaluate_augmented", "profile_segmenter"):
+    if rule in ("evaluate_real", "evaluate_augmented", "evaluate_synthetic_only", "profile_segmenter"):
         return evaluation_cost(ctx, rule, wc)
+    if rule == "evaluate_cross_domain":  # a model of {train} scored on the test split of {dataset}
+        return evaluation_cost(ctx, rule, {**wc, "dataset": wc["test"]})
     if rule == "leaf_stability":  # one test-split prediction per inference seed, Dice and IoU only
         seeds = ((config.get("analyses") or {}).get("leaf") or {}).get("stability_seeds", 10)
         n = ctx.sizes[wc["dataset"]]["test"] * seeds
@@ -619,12 +633,13 @@ SCENARIOS = {
 }
 
 
-def make_plan(configfiles, workdir=".", dry_run_text: str | None = None, remaining: bool = False) -> Plan:
-    """Cost every job of the run's DAG under the baseline, each reduction in turn, the planned settings and the
-    what-ifs (bf16, the continue protocol)."""
+def make_plan(configfiles, workdir=".", dry_run_text: str | None = None, remaining: bool = False,
+              targets=()) -> Plan:
+    """Cost every job of the run's DAG (of ``targets``: e.g. ``papers``) under the baseline, each reduction in
+    turn, the planned settings and the what-ifs (bf16, the continue protocol)."""
     config = load_config(configfiles)
     if dry_run_text is None:
-        dry_run_text = dry_run(configfiles, workdir, remaining=remaining)
+        dry_run_text = dry_run(configfiles, workdir, remaining=remaining, targets=targets)
     jobs = parse_dry_run(dry_run_text)
     gpu_rules = {job.rule for job in jobs if job.gpu}
     groups = gpu_groups()
@@ -828,9 +843,11 @@ def main(argv=None) -> None:
     parser.add_argument("--directory", "-d", default=".", help="the run's working directory (benchmarks/, results/)")
     parser.add_argument("--remaining", action="store_true", help="only the jobs Snakemake would run now")
     parser.add_argument("--dry-run-output", help="a saved `snakemake -n` listing instead of running it")
+    parser.add_argument("--target", nargs="*", default=[], help="the run's targets (default: the workflow's "
+                        "default target; `papers` for every paper's tables)")
     args = parser.parse_args(argv)
     text = Path(args.dry_run_output).read_text() if args.dry_run_output else None
-    print(format_plan(make_plan(args.configfile, args.directory, text, args.remaining)))
+    print(format_plan(make_plan(args.configfile, args.directory, text, args.remaining, args.target)))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def test_a_dataset_override_changes_that_datasets_entries_only():
     # merged, not replaced: the rest of the entry is the shared one's
     assert kvasir["generators"]["tiny"]["training"]["lr"] == config["generators"]["tiny"]["training"]["lr"]
     assert kvasir["miner"]["lr"] == 3.0e-3 and kvasir["miner"]["steps"] == config["miner"]["steps"]
-    assert method_params(config, "kvasir", "vgd_fast")["k"] == 0.02 and "k" not in method_params(config, "mni152", "vgd_fast")
+    config["datasets"]["kvasir"]["overrides"]["methods"] = {"vgd": {"k": 0.02}}
+    assert method_params(config, "kvasir", "vgd")["k"] == 0.02 and "k" not in method_params(config, "mni152", "vgd")
     config["datasets"]["kvasir"]["overrides"]["generators"]["tinny"] = {"init": None}
     with pytest.raises(ConfigError, match="'tinny' is not defined under 'generators'") as err:
         check_references(config)
@@ -183,9 +184,9 @@ def test_the_cpu_papers_preset_makes_every_paper_item_on_both_datasets(tmp_path)
     for rule in ("law_tables", "victr_tables", "leaf_tables", "order_ablation_table", "rounds_table", "budget_table",
                  "subset_table", "law_figure", "papers_index"):
         assert counts[rule] == 1, rule
-    # tiny: 8 methods; law-*: rd_law; victr, victr-notweedie: rd_4; VGD's round 2 — × 2 seeds × 2 datasets;
+    # tiny: 6 methods; law-*: rd_law; victr, victr-notweedie: rd_4; VGD's round 2 — × 2 seeds × 2 datasets;
     # the budget's half sets are cut from RD's
-    assert counts["synthesize"] == (8 + 2 + 2 + 1) * 2 * 2 and counts["budget_prefix"] == 2 * 2
+    assert counts["synthesize"] == (6 + 2 + 2 + 1) * 2 * 2 and counts["budget_prefix"] == 2 * 2
     assert counts["train_generator"] == 5 * 2 and counts["train_segmenter_real"] == 7 * 2
     assert "results/mni152/synthetic/law-law/rd_law/seed1" in result.stdout
     assert "synthetic/law-law/rd/" not in result.stdout and "synthetic/tiny/rd_law/" not in result.stdout

@@ -163,6 +163,33 @@ def test_plan_of_the_paper_preset(paper_dag):
         assert stage in text
 
 
+def test_plan_of_every_papers_tables_on_a_gpu_cluster(tmp_path):
+    """`make papers-plan`: presets/papers_gpu.yaml over paper.yaml, target `papers`: every generator of the five
+    papers is costed per dataset, LEAF on SD, ORDER's real-only models, the cross-domain evaluations on the GPU."""
+    from segsynth.data.placeholders import write_placeholder_datasets, write_unseen_polyps
+
+    paths, unseen = tmp_path / "paths.yaml", tmp_path / "paths_papers.yaml"
+    paths.write_text(yaml.safe_dump(write_placeholder_datasets(tmp_path / "data")))
+    unseen.write_text(yaml.safe_dump(write_unseen_polyps(tmp_path / "data")))
+    files = [*PAPER, REPO / "presets" / "papers_gpu.yaml", paths, unseen]
+    plan = make_plan(files, tmp_path, targets=["papers"])
+    rows = plan.rows
+    # sd15, 7 LAW weightings, 9 ViCTr generators, on each of the 3 datasets
+    assert rows["generator fine-tuning"].jobs == 17 * 3
+    assert rows["segmenter leaf: real only"].jobs == 3 and rows["segmenter order: real only"].jobs == 3
+    assert rows["segmenter leaf: real only"].seconds["planned"] > 100 * rows["segmenter order: real only"].seconds["planned"]
+    # every cross-domain model (3 real-only nnU-Net/Swin/..., each augmented one of Polyps) costed as an evaluation
+    evaluations = ("evaluate_real", "evaluate_augmented", "evaluate_synthetic_only", "evaluate_cross_domain",
+                   "profile_segmenter", "leaf_stability")
+    assert any(j.rule == "evaluate_cross_domain" for j in plan.jobs)
+    assert rows["evaluation"].jobs == sum(j.rule in evaluations for j in plan.jobs)
+    # synthetic-only models train as real-only ones do, not as a 10-second table job
+    assert rows["segmenter nnunet: synthetic only"].jobs == 3 * 3
+    assert rows["segmenter nnunet: synthetic only"].seconds["planned"] > rows["segmenter nnunet: real only"].seconds["planned"] / 2
+    assert plan.sizes["polyps_unseen"]["test"] == 176
+    assert plan.totals["planned"] < plan.totals["baseline"]
+
+
 def test_a_configured_continue_protocol_is_counted(paper_dag, tmp_path):
     workdir, files, text = paper_dag
     extra = tmp_path / "continue.yaml"

@@ -5,6 +5,7 @@ real data; the tests run the adapters over them, so the placeholders are proven 
 The contents are random: nothing here is meant to be trained on.
 
     python -m segsynth.data.placeholders OUT_DIR    # writes OUT_DIR/{acdc,synapse,polyps} and OUT_DIR/paths.yaml
+                                                    # (and polyps_unseen, paths_papers.yaml for papers_gpu.yaml)
 """
 
 from __future__ import annotations
@@ -88,12 +89,20 @@ def write_placeholder_datasets(out_dir) -> dict:
     }
 
 
+def write_unseen_polyps(out_dir) -> dict:
+    """The cross-domain test set of presets/papers_gpu.yaml (``polyps_unseen``) under ``out_dir``, and its keys."""
+    unseen = write_polyps(Path(out_dir) / "polyps_unseen", np.random.default_rng(1))
+    return {"datasets": {"polyps_unseen": {"images": str(unseen / "image"), "masks": str(unseen / "mask")}}}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
         sys.exit("usage: python -m segsynth.data.placeholders OUT_DIR")
     out_dir = Path(argv[0])
     paths = write_placeholder_datasets(out_dir)
     (out_dir / "paths.yaml").write_text(yaml.safe_dump(paths, sort_keys=False))
+    # presets/papers_gpu.yaml's fourth dataset, in a file of its own: paper.yaml alone does not define it
+    (out_dir / "paths_papers.yaml").write_text(yaml.safe_dump(write_unseen_polyps(out_dir), sort_keys=False))
     print(out_dir / "paths.yaml")
 
 
