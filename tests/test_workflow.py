@@ -195,7 +195,8 @@ def test_mask_sources_and_the_continue_protocol_run_end_to_end(tmp_path):
 
 
 #: presets layered over another preset, not over config.yaml alone (tested with their base below)
-LAYERED_PRESETS = {REPO / "presets" / "law_kvasir.yaml"}
+LAYERED_PRESETS = {REPO / "presets" / "law_kvasir.yaml",
+                   REPO / "presets" / "papers_gpu.yaml"}  # over paper.yaml: tests/test_plan.py dry-runs it
 #: presets whose run narrows the product (run.generator_methods), tested on their own (tests/test_papers.py)
 NARROWED_PRESETS = {REPO / "presets" / "papers_cpu.yaml"}
 
