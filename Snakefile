@@ -28,11 +28,12 @@ report: "report/workflow.rst"
 
 
 # schemas/config.schema.yaml, through a JSON copy that parses in milliseconds (segsynth.config.schema_file)
-validate(config, schema_file(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
+SCHEMA = schema_file(Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+validate(config, SCHEMA)
 # ... and so must each dataset's view of it, its overrides merged in (datasets.<name>.overrides)
 for _dataset, _entry in config["datasets"].items():
     if _entry.get("overrides"):
-        validate(for_dataset(config, _dataset), schema_file(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
+        validate(for_dataset(config, _dataset), SCHEMA)
 
 
 include: "rules/common.smk"

@@ -4,9 +4,9 @@ import re
 from pathlib import Path
 
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
-                             canonical, check_references, dataset_sources, for_dataset, method_params, miner_schedule,
-                             round_methods, round_name, round_previous, science, subset_name, synthesizes, trains_on,
-                             used_methods, victr_source, weight_sources)
+                             canonical, check_references, dataset_sources, for_dataset, method_params,
+                             miner_schedule, round_methods, round_name, round_previous, science, subset_name,
+                             synthesizes, trains_on, used_methods, victr_source, weight_sources)
 from segsynth.papers import (PAPERS, PAPER_ITEMS, VGD_TABLE1_ROWS, VGD_TABLE3_ROWS, VGD_FIG7_ROWS,
                              MINER_BACKBONE_ROWS, item_outputs)
 from segsynth.provenance import code_version
@@ -167,9 +167,15 @@ def augmented_runs():
         for s in RUN["segmenters"]
         for g in RUN["generators"]
         for m in RUN["methods"]
-        if synthesizes(config, g, m) and trains_on(config, s, m)
+        if trains_with(s, g, m)
         for seed in SEEDS
     ]
+
+
+def trains_with(segmenter, generator, method):
+    """Whether the run trains ``segmenter`` on ``generator``'s ``method`` sets (run.generator_methods and
+    run.segmenter_methods narrow the product)."""
+    return synthesizes(config, generator, method) and trains_on(config, segmenter, method)
 
 
 def generator_methods(generator):
@@ -239,7 +245,7 @@ def budget_runs():
              path=f"results/{d}/eval/{s}/{g}/{m if float(b) == 1.0 else budget_name(m, b)}/seed{seed}.parquet")
         for d, s, g in segmenter_blocks()
         for m in BUDGET["methods"]
-        if synthesizes(config, g, m) and trains_on(config, s, m)
+        if trains_with(s, g, m)
         for b in BUDGET["budgets"]
         for seed in seeds
     ]
@@ -252,7 +258,7 @@ def subset_runs():
     m = SUBSETS["method"]
     rows = []
     for d, s, g in segmenter_blocks():
-        if not (synthesizes(config, g, m) and trains_on(config, s, m)):
+        if not trains_with(s, g, m):
             continue
         for tau in SUBSETS["thresholds"]:
             name = m if float(tau) == 0.0 else subset_name(m, tau)
@@ -272,7 +278,7 @@ def synthetic_only_runs():
              path=f"results/{d}/synthetic_only/eval/{s}/{g}/{m}/seed{seed}.parquet")
         for d, s, g in segmenter_blocks()
         for m in SYNTHETIC_ONLY["methods"]
-        if synthesizes(config, g, m) and trains_on(config, s, m)
+        if trains_with(s, g, m)
         for seed in range(SYNTHETIC_ONLY.get("n_seed", config["seeds"]["n_seed"]))
     ]
 

@@ -9,7 +9,8 @@ rule train_miner:
     output:
         directory("results/{dataset}/miners/{generator}/{segmenter}"),
     params:
-        miner=lambda wc: science("miner", for_dataset(config, wc.dataset)["miner"]),  # the job reads checkpoint_every from the config
+        # the dataset's Miner settings (its overrides merged in); the job reads checkpoint_every from the config
+        miner=lambda wc: science("miner", for_dataset(config, wc.dataset)["miner"]),
         seed=config["seeds"]["miner"],
         # the miner method's sampling schedule: training rollouts are its first miner.rollout_steps steps
         schedule=lambda wildcards: miner_schedule(config, wildcards.dataset),

@@ -563,7 +563,7 @@ def job_cost(ctx: Context, job: Job, scenario: Scenario) -> Cost:
         return segmenter_cost(ctx, rule, wc, scenario)
     if rule in ("evaluate_real", "evaluate_augmented", "evaluate_synthetic_only", "profile_segmenter"):
         return evaluation_cost(ctx, rule, wc)
-    if rule == "evaluate_cross_domain":  # a model of {train} scored on the test split of {dataset}
+    if rule == "evaluate_cross_domain":  # a model of {train} scored on the test split of {test}
         return evaluation_cost(ctx, rule, {**wc, "dataset": wc["test"]})
     if rule == "leaf_stability":  # one test-split prediction per inference seed, Dice and IoU only
         seeds = ((config.get("analyses") or {}).get("leaf") or {}).get("stability_seeds", 10)
