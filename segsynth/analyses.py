@@ -25,7 +25,8 @@ import pandas as pd
 from .errors import InputDataError
 from .io import atomic_dir, save_array, write_json, write_parquet, write_text
 from .synthetic_set import load_synthetic_set
-from .tables import dataset_units, main_table, mean_std, units_phrase
+from .tables import (dataset_units, main_table, mean_std, p_cell, significance_mark, units_phrase,
+                     wilcoxon_columns)
 
 SUBSET_META = "meta.json"
 
@@ -140,6 +141,22 @@ def _baseline_dice(baseline: pd.DataFrame, dice: pd.DataFrame) -> pd.DataFrame:
     return dice.drop(columns="baseline_unit")
 
 
+def _tests_against_baseline(runs: pd.DataFrame, baseline: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per group of ``runs`` (``keys``; its seeds pooled): a Wilcoxon signed-rank test of the per-case Dice against
+    the real-only Baseline of its dataset and segmenter (``segsynth.tables.wilcoxon_columns``)."""
+    records = []
+    for group, frame in runs.groupby(keys, sort=False):
+        key = dict(zip(keys, group))
+        base = baseline[(baseline["dataset"] == key["dataset"]) & (baseline["segmenter"] == key["segmenter"])]
+        records.append({**key, **wilcoxon_columns(dict(zip(frame["seed"].astype(int), frame["path"])),
+                                                  dict(zip(base["seed"].astype(int), base["path"])))})
+    return pd.DataFrame(records)
+
+
+BASELINE_TEST = ("two-sided Wilcoxon signed-rank test of the per-case DSC (seeds pooled) against the Baseline's: "
+                 "* p < 0.05, ** p < 0.01")
+
+
 def budget_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     """Rows: dataset, segmenter, method, budget, seed, dice, delta_dice (vs. the real-only Baseline), unit (of
     the Dice: ``volume·mm`` per 3D volume or ``slice·px`` per 2D image, as in ``main_table``).
@@ -152,8 +169,11 @@ def budget_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
                       on=["dataset", "segmenter", "method", "seed"])
     dice = _baseline_dice(baseline, dice)
     dice["delta_dice"] = dice["dice"] - dice["baseline_dice"]
+    keys = ["dataset", "segmenter", "method", "budget"]
+    tests = _tests_against_baseline(runs, baseline, keys)
     return (dice.drop(columns=["method", "baseline_dice"]).rename(columns={"swept": "method"})
             [["dataset", "segmenter", "method", "budget", "seed", "dice", "delta_dice", "unit"]]
+            .merge(tests, on=keys, how="left")
             .sort_values(["dataset", "segmenter", "method", "budget", "seed"]).reset_index(drop=True))
 
 
@@ -161,11 +181,13 @@ def budget_markdown(table: pd.DataFrame) -> str:
     """ΔDSC (points) per method (rows) and budget (columns), mean ± std over seeds."""
     budgets = sorted(table["budget"].unique())
     lines = [f"ΔDSC (points) over the real-only Baseline by synthesis budget N_s = b × |train|; mean ± std over "
-             f"n = {_seed_count(table)} seeds; {units_phrase(dataset_units(table), 'DSC', distances=False)}.", "",
+             f"n = {_seed_count(table)} seeds; {units_phrase(dataset_units(table), 'DSC', distances=False)}; "
+             f"{BASELINE_TEST}.", "",
              "| Dataset · segmenter | Method | " + " | ".join(f"{b:g}×" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
     for (dataset, segmenter, method), rows in table.groupby(["dataset", "segmenter", "method"], sort=False):
-        cells = [mean_std(rows.loc[rows["budget"] == b, "delta_dice"] * 100.0, 1) for b in budgets]
+        cells = [mean_std(rows.loc[rows["budget"] == b, "delta_dice"] * 100.0, 1)
+                 + significance_mark(rows.loc[rows["budget"] == b, "wilcoxon_p_value"].max()) for b in budgets]
         lines.append(f"| {dataset} · {segmenter} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -188,8 +210,10 @@ def subset_table(runs: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     dice["delta_dice"] = dice["dice"] - dice["baseline_dice"]
     # the paper's unit: ΔDSC in points per sample (its Table: +5.05 over 1,128 samples = 4.48×10⁻³)
     dice["per_sample_gain"] = dice["delta_dice"] * 100.0 / dice["count"].where(dice["count"] > 0)
+    keys = ["dataset", "segmenter", "method", "threshold"]
     return (dice[["dataset", "segmenter", "method", "threshold", "seed", "count", "share", "dice", "delta_dice",
                   "per_sample_gain", "unit"]]
+            .merge(_tests_against_baseline(runs, baseline, keys), on=keys, how="left")
             .sort_values(["dataset", "segmenter", "method", "threshold", "seed"]).reset_index(drop=True))
 
 
@@ -198,19 +222,21 @@ def subset_markdown(table: pd.DataFrame, baseline: pd.DataFrame) -> str:
     base = _dice_means(baseline)
     lines = [f"Training on the samples whose adversariality 1 − exp(−class-balanced CE) under f_θ exceeds τ; mean "
              f"± std over n = {_seed_count(table)} seeds (count and share: mean over seeds). Per-sample gain = "
-             f"ΔDSC (points) / count. {units_phrase(dataset_units(table), 'DSC', distances=False)}.", "",
-             "| Dataset · segmenter | Subset | Count | Share | DSC (%) (Δ) | Per-sample gain (×10⁻³) |",
-             "|---|---|---|---|---|---|"]
+             f"ΔDSC (points) / count. {units_phrase(dataset_units(table), 'DSC', distances=False)}. p: "
+             f"{BASELINE_TEST}.", "",
+             "| Dataset · segmenter | Subset | Count | Share | DSC (%) (Δ) | Per-sample gain (×10⁻³) | "
+             "p (Wilcoxon, DSC vs Baseline) |",
+             "|---|---|---|---|---|---|---|"]
     for (dataset, segmenter), rows in table.groupby(["dataset", "segmenter"], sort=False):
         b = base.loc[(base["dataset"] == dataset) & (base["segmenter"] == segmenter), "dice"] * 100.0
         lines.append(f"| {dataset} · {segmenter} | Baseline (real only) | – | – | "
-                     f"{mean_std(b, 1)} | – |")
+                     f"{mean_std(b, 1)} | – | – |")
         for (method, threshold), run in rows.groupby(["method", "threshold"], sort=True):
             label = f"{method}, τ = {threshold:g}" + (" (full set)" if threshold == 0 else "")
             lines.append(f"| {dataset} · {segmenter} | {label} | {run['count'].mean():.0f} | "
                          f"{100 * run['share'].mean():.1f}% | {mean_std(run['dice'] * 100.0, 1)} "
                          f"({_signed(run['delta_dice'].mean() * 100.0)}) | "
-                         f"{mean_std(run['per_sample_gain'] * 1000.0, 2)} |")
+                         f"{mean_std(run['per_sample_gain'] * 1000.0, 2)} | {p_cell(run['wilcoxon_p_value'].iloc[0])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,55 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InputDataError
 from .io import atomic_path, write_json, write_parquet, write_text
 from .papers import PAPERS, item_file
-from .tables import main_table, scored_rows, value_cell
-
-
-# ---- statistics ----------------------------------------------------------------------------------------------
-
-def per_case_dice(path) -> pd.Series:
-    """One evaluation file (``evaluate_segmenter``'s long frame) → Dice per scored unit (test image, or volume
-    where the dataset has them), the mean over foreground classes, indexed by sample id."""
-    frame, _ = scored_rows(pd.read_parquet(path))  # volumes where the dataset has them, as the main table
-    dice = frame[frame["metric"] == "dice"]
-    if dice.empty:
-        raise InputDataError(path, "no Dice rows")
-    return dice.groupby("sample_id")["value"].mean()
-
-
-def paired_wilcoxon(candidate: dict, reference: dict) -> dict:
-    """A Wilcoxon signed-rank test of a row's per-case Dice against the reference row's, seeds pooled.
-
-    ``candidate`` and ``reference`` map seed → per-case Dice (``per_case_dice``). Seeds are paired with the same
-    seed of the reference; a reference with a single run (the real-only Baseline) is paired with every seed.
-    Pairs are (seed, case); cases with a NaN on either side are dropped. Returns n pairs, the median difference
-    and the two-sided p-value (NaN when every difference is zero or there are no pairs)."""
-    from scipy.stats import wilcoxon
-
-    differences = []
-    for seed, values in candidate.items():
-        if len(reference) == 1:
-            other = next(iter(reference.values()))
-        elif seed in reference:
-            other = reference[seed]
-        else:
-            continue
-        joined = pd.concat([values.rename("a"), other.rename("b")], axis=1, join="inner").dropna()
-        differences.append((joined["a"] - joined["b"]).to_numpy())
-    diff = np.concatenate(differences) if differences else np.array([])
-    if diff.size == 0 or not np.any(diff != 0):
-        return {"n_pairs": int(diff.size), "median_difference": float(np.median(diff)) if diff.size else np.nan,
-                "p_value": np.nan}
-    result = wilcoxon(diff, zero_method="wilcox", alternative="two-sided")
-    return {"n_pairs": int(diff.size), "median_difference": float(np.median(diff)), "p_value": float(result.pvalue)}
-
-
-def significance_mark(p_value: float) -> str:
-    if not np.isfinite(p_value):
-        return ""
-    return "**" if p_value < 0.01 else "*" if p_value < 0.05 else ""
+from .tables import main_table, paired_wilcoxon, per_case_dice, significance_mark, value_cell
 
 
 # ---- methods tables ------------------------------------------------------------------------------------------

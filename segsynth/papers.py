@@ -9,7 +9,8 @@ An item is one of four kinds, chosen at parse time from what the run's config ma
   Dice and HD95 per dataset (mean ± std over synthesis seeds) and the synthetic sets' FID and domain FID, with a
   paired Wilcoxon signed-rank test of each row's per-case Dice against the paper's reference row (seeds pooled);
 - ``view``: a table the DAG already writes in the paper's shape (LAW's, ORDER's, LEAF's, ViCTr's, the Miner
-  paper's subsets and budget), under the paper's caption;
+  paper's subsets and budget), under the paper's caption; those comparing downstream Dice carry their own paired
+  Wilcoxon tests (ORDER's and LEAF's against their first row, the subsets and budget cells against the Baseline);
 - ``figure``: a figure the DAG draws, copied under the paper's name;
 - ``missing``: the item keeps its place and says why it is empty (a run that does not configure it, or a part
   the project does not build yet).

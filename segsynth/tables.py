@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .data.canonical import SLICE_PX, VOLUME_MM
@@ -366,6 +367,75 @@ def _caption(means: pd.DataFrame) -> str:
             f"{units_phrase(dataset_units(means))}.")
 
 
+# ---- paired tests ----------------------------------------------------------------------------------------------
+
+def per_case_dice(path) -> pd.Series:
+    """One evaluation file (``evaluate_segmenter``'s long frame) → Dice per scored unit (test image, or volume
+    where the dataset has them), the mean over foreground classes, indexed by sample id."""
+    frame, _ = scored_rows(pd.read_parquet(path))  # volumes where the dataset has them, as the main table
+    dice = frame[frame["metric"] == "dice"]
+    if dice.empty:
+        raise InputDataError(path, "no Dice rows")
+    return dice.groupby("sample_id")["value"].mean()
+
+
+def paired_wilcoxon(candidate: dict, reference: dict) -> dict:
+    """A Wilcoxon signed-rank test of a row's per-case Dice against the reference row's, seeds pooled.
+
+    ``candidate`` and ``reference`` map seed → per-case Dice (``per_case_dice``). Seeds are paired with the same
+    seed of the reference; a reference with a single run (the real-only Baseline) is paired with every seed.
+    Pairs are (seed, case); cases with a NaN on either side are dropped. Returns n pairs, the median difference
+    and the two-sided p-value (NaN when every difference is zero or there are no pairs)."""
+    from scipy.stats import wilcoxon
+
+    differences = []
+    for seed, values in candidate.items():
+        if len(reference) == 1:
+            other = next(iter(reference.values()))
+        elif seed in reference:
+            other = reference[seed]
+        else:
+            continue
+        joined = pd.concat([values.rename("a"), other.rename("b")], axis=1, join="inner").dropna()
+        differences.append((joined["a"] - joined["b"]).to_numpy())
+    diff = np.concatenate(differences) if differences else np.array([])
+    if diff.size == 0 or not np.any(diff != 0):
+        return {"n_pairs": int(diff.size), "median_difference": float(np.median(diff)) if diff.size else np.nan,
+                "p_value": np.nan}
+    result = wilcoxon(diff, zero_method="wilcox", alternative="two-sided")
+    return {"n_pairs": int(diff.size), "median_difference": float(np.median(diff)), "p_value": float(result.pvalue)}
+
+
+def significance_mark(p_value: float) -> str:
+    """* p < 0.05, ** p < 0.01; nothing for a larger or missing p."""
+    if p_value is None or not np.isfinite(p_value):
+        return ""
+    return "**" if p_value < 0.01 else "*" if p_value < 0.05 else ""
+
+
+def wilcoxon_columns(candidate: dict, reference: dict) -> dict:
+    """:func:`paired_wilcoxon` of two rows given as seed → evaluation parquet, as a table's columns
+    (``wilcoxon_n_pairs``, ``wilcoxon_median_difference``, ``wilcoxon_p_value``)."""
+    test = paired_wilcoxon({seed: per_case_dice(path) for seed, path in candidate.items()},
+                           {seed: per_case_dice(path) for seed, path in reference.items()})
+    return {f"wilcoxon_{key}": value for key, value in test.items()}
+
+
+def p_cell(p_value) -> str:
+    """A markdown cell for a Wilcoxon p-value with its mark; a dash for the reference row or no test."""
+    if p_value is None or not np.isfinite(p_value):
+        return "–"
+    return f"{p_value:.3g}{significance_mark(p_value)}"
+
+
+def paired_test_phrase(table: pd.DataFrame) -> str:
+    """The caption's sentence on a segmenter table's p column: the test and each dataset's reference row."""
+    references = table.groupby("dataset", sort=False)["reference"].first()
+    named = ", ".join(f"{d}: {r}" for d, r in references.items())
+    return (f"p: two-sided Wilcoxon signed-rank test of the row's per-case DSC against its dataset's first row "
+            f"({named}); * p < 0.05, ** p < 0.01.")
+
+
 def segmenter_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, segmenter) real-only model, the shape of ORDER's Table 3.
 
@@ -386,8 +456,16 @@ def segmenter_table(rows: pd.DataFrame) -> pd.DataFrame:
                   "train_s": float(pd.read_csv(row.benchmark, sep="\t")["s"].iloc[-1])}
         for metric, values in per_sample:
             record[f"{metric}_mean"], record[f"{metric}_std"] = values.mean(), values.std(ddof=1)
-        records.append({**record, "unit": unit})
-    return pd.DataFrame(records)
+        records.append({**record, "unit": unit, "eval": str(row.eval)})
+    table = pd.DataFrame(records)
+    # ORDER's Table 3 compares segmenters on one test set: each row's per-case Dice against its dataset's first
+    # row (run.segmenters' first entry), Wilcoxon signed-rank
+    tests = []
+    for record in records:
+        reference = next(r for r in records if r["dataset"] == record["dataset"])
+        tests.append({"reference": reference["segmenter"],
+                      **({} if reference is record else wilcoxon_columns({0: record["eval"]}, {0: reference["eval"]}))})
+    return pd.concat([table, pd.DataFrame(tests)], axis=1)
 
 
 def segmenter_markdown(table: pd.DataFrame) -> str:
@@ -399,14 +477,15 @@ def segmenter_markdown(table: pd.DataFrame) -> str:
         metrics = ("metrics are mean ± std over test volumes or images of the mean over foreground classes "
                    f"({units_phrase(units)})")
     lines = [f"Real-only models; {metrics}; MACs of one image at the dataset's resolution; training wall "
-             "time from the job's benchmark file.", "",
-             "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | IoU (%) | ASD | HD95 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"time from the job's benchmark file. {paired_test_phrase(table)}", "",
+             "| Dataset | Segmenter | Kind | Params | MACs (M) | Train s | DSC (%) | IoU (%) | ASD | HD95 | "
+             "p (Wilcoxon, DSC) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         iou = value_cell(getattr(r, "iou_mean", float("nan")), getattr(r, "iou_std", float("nan")), 100.0, 1)
         lines.append(f"| {r.dataset} | {r.segmenter} | {r.kind} | {r.params:,} | {r.macs / 1e6:.1f} | {r.train_s:.0f} | "
                      f"{100 * r.dice_mean:.1f} ± {100 * r.dice_std:.1f} | {iou} | {r.asd_mean:.2f} ± {r.asd_std:.2f} | "
-                     f"{r.hd95_mean:.2f} ± {r.hd95_std:.2f} |")
+                     f"{r.hd95_mean:.2f} ± {r.hd95_std:.2f} | {p_cell(getattr(r, 'wilcoxon_p_value', None))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -706,27 +785,35 @@ def write_victr_tables(settings: dict, fidelity_path, main_path, benchmark_files
 def segmenter_rows_table(segmenters: pd.DataFrame, rows: dict, analysis: str) -> pd.DataFrame:
     """An ablation over segmenter entries (ORDER's Tables 5–6, LEAF's Tables 2–3): per dataset and row label
     (→ a segmenter of the segmenter table), its params and real-only test mDice and mIoU (mean ± std over test
-    units, as the segmenter table has them). ``analysis`` names the config key in errors."""
+    units, as the segmenter table has them) and a Wilcoxon signed-rank test of its per-case Dice against the
+    first row's, the ablation's baseline (LEAF: "we establish the baseline as ... the first row in Table 2").
+    ``analysis`` names the config key in errors."""
     records = []
     for dataset in dict.fromkeys(segmenters["dataset"]):
+        first = None
         for label, name in rows.items():
             hit = segmenters[(segmenters["dataset"] == dataset) & (segmenters["segmenter"] == name)]
             if hit.empty:
                 raise InputDataError("results/tables/segmenters.parquet", f"no row for segmenter {name!r} of "
                                      f"dataset {dataset!r} ({analysis} row {label!r})")
             r = hit.iloc[0]
+            first = r if first is None else first
+            test = {} if r is first else wilcoxon_columns({0: r["eval"]}, {0: first["eval"]})
             records.append({"dataset": dataset, "row": label, "segmenter": name, "params": int(r["params"]),
                             "dice_mean": r["dice_mean"], "dice_std": r["dice_std"],
-                            "iou_mean": r.get("iou_mean", float("nan")), "iou_std": r.get("iou_std", float("nan"))})
+                            "iou_mean": r.get("iou_mean", float("nan")), "iou_std": r.get("iou_std", float("nan")),
+                            "reference": first["segmenter"], **test})
     return pd.DataFrame(records)
 
 
 def segmenter_rows_markdown(table: pd.DataFrame, caption: str) -> str:
-    lines = [caption, "", "| Dataset | Configuration | Segmenter | Params | mDice (%) | mIoU (%) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"{caption} {paired_test_phrase(table)}", "",
+             "| Dataset | Configuration | Segmenter | Params | mDice (%) | mIoU (%) | p (Wilcoxon, DSC) |",
+             "|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         lines.append(f"| {r.dataset} | {r.row} | {r.segmenter} | {r.params:,} | "
-                     f"{value_cell(r.dice_mean, r.dice_std, 100.0, 1)} | {value_cell(r.iou_mean, r.iou_std, 100.0, 1)} |")
+                     f"{value_cell(r.dice_mean, r.dice_std, 100.0, 1)} | {value_cell(r.iou_mean, r.iou_std, 100.0, 1)} | "
+                     f"{p_cell(getattr(r, 'wilcoxon_p_value', None))} |")
     return "\n".join(lines) + "\n"
 
 

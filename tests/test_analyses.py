@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import wilcoxon
 from test_tables import PNG_MAGIC, metrics_parquet
 
 from segsynth.config import budget_name, subset_name
@@ -86,6 +87,12 @@ def test_budget_table_is_delta_dice_per_method_and_budget(tmp_path, baseline):
     assert delta[("rd", 2.0, 1)] == pytest.approx(0.07) and delta[("miner", 1.0, 0)] == pytest.approx(0.1)
     markdown = budget_markdown(table)
     assert "| d · u | miner | 10.0 ± 0.0 | 16.0 ± 1.4 |" in markdown and "n = 2 seeds" in markdown
+    # each cell's test pools its seeds' cases against the single Baseline run: 2 seeds × 2 cases, all above it,
+    # too few for p < 0.05 (no mark)
+    tests = table.drop_duplicates(["method", "budget"]).set_index(["method", "budget"])
+    assert (tests["wilcoxon_n_pairs"] == 4).all() and (tests["wilcoxon_median_difference"] > 0).all()
+    assert tests.loc[("rd", 2.0), "wilcoxon_p_value"] == pytest.approx(wilcoxon([0.05, 0.05, 0.07, 0.07]).pvalue)
+    assert "Wilcoxon signed-rank test" in markdown and "*" not in markdown.split("\n", 1)[1]
     budget_plot(table, tmp_path / "budget.png")
     assert (tmp_path / "budget.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -104,6 +111,8 @@ def test_subset_table_counts_shares_and_per_sample_gain(tmp_path, baseline):
     assert table.loc[0.4, "delta_dice"] == pytest.approx(0.04)
     assert table.loc[0.4, "per_sample_gain"] == pytest.approx(2.0)  # +4.0 points over 2 samples
     markdown = subset_markdown(table.reset_index(), baseline)
-    assert "| d · u | rd, τ = 0.4 | 2 | 50.0% | 64.0 (+4.0) | 2000.00 |" in markdown
+    assert "| d · u | rd, τ = 0.4 | 2 | 50.0% | 64.0 (+4.0) | 2000.00 | 0.5 |" in markdown
+    assert "| d · u | Baseline (real only) | – | – | 60.0 | – | – |" in markdown
+    assert table.loc[0.4, "wilcoxon_n_pairs"] == 2 and "p (Wilcoxon, DSC vs Baseline)" in markdown
     assert "Baseline (real only)" in markdown and "τ = 0 (full set)" in markdown
     assert json.loads((above / "meta.json").read_text())["threshold"] == 0.4

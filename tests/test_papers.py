@@ -16,7 +16,8 @@ from conftest import REPO
 from segsynth.config import (check_references, for_dataset, method_params, read_configs, round_methods,
                              round_previous, synthesizes, trains_on)
 from segsynth.errors import ConfigError
-from segsynth.paper_tables import methods_markdown, methods_table, paired_wilcoxon, write_index, write_item
+from segsynth.paper_tables import methods_markdown, methods_table, write_index, write_item
+from segsynth.tables import paired_wilcoxon
 from segsynth.papers import PAPER_ITEMS, PAPERS
 from test_workflow import job_counts, snakemake
 

@@ -141,6 +141,28 @@ def test_segmenter_table_per_volume(tmp_path):
     assert table["unit"].iloc[0] == "volume·mm"
     assert "mean ± std over test volumes or images" in segmenter_markdown(table)
     assert "(DSC and IoU in % (per 3D volume), ASD and HD95 in mm)" in segmenter_markdown(table)
+    # one segmenter: it is its own reference, no test
+    assert table["reference"].iloc[0] == "unet" and "wilcoxon_p_value" not in table
+    assert segmenter_markdown(table).rstrip().endswith("| – |")
+
+
+def test_segmenter_table_tests_each_row_against_its_datasets_first(tmp_path):
+    (tmp_path / "profile.json").write_text(json.dumps({"kind": "monai_unet", "params": 10, "macs": 2_000_000}))
+    (tmp_path / "bench.tsv").write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t300\n")
+    cases = list(np.linspace(0.3, 0.9, 7))
+    rows = pd.DataFrame([{"dataset": dataset, "segmenter": name, "profile": tmp_path / "profile.json",
+                          "benchmark": tmp_path / "bench.tsv",
+                          "eval": metrics_parquet(tmp_path / f"{dataset}{name}.parquet", dice, dice)}
+                         for dataset, name, dice in (("a", "unet", cases), ("a", "order", [c + 0.01 * (i + 1) for i, c in enumerate(cases)]),
+                                                     ("b", "order", cases), ("b", "unet", cases))])
+    table = segmenter_table(rows).set_index(["dataset", "segmenter"])
+    assert table.loc[("a", "order"), "reference"] == "unet" and table.loc[("b", "unet"), "reference"] == "order"
+    assert table.loc[("a", "order"), "wilcoxon_p_value"] == pytest.approx(2 / 2 ** 7)
+    assert table.loc[("a", "order"), "wilcoxon_n_pairs"] == 7
+    assert np.isnan(table.loc[("b", "unet"), "wilcoxon_p_value"])  # identical per-case Dice: no test
+    markdown = segmenter_markdown(table.reset_index())
+    assert "p (Wilcoxon, DSC)" in markdown and "first row (a: unet, b: order)" in markdown
+    assert "| a | order | monai_unet | 10 | 2.0 | 12 | 64.0 ± 23.8 |" in markdown and "| 0.0156* |" in markdown
 
 
 def adherence_rows(tmp_path) -> pd.DataFrame:
@@ -337,15 +359,27 @@ def test_segmenter_ablation_rows_come_from_the_segmenter_table(tmp_path):
     from segsynth.errors import InputDataError
     from segsynth.tables import ORDER_CAPTION, segmenter_rows_markdown, segmenter_rows_table, write_leaf_tables
 
+    # per-case Dice over 8 test cases: order beats mk_unet on every case (exact two-sided p = 2 / 2⁸), leaf_eps
+    # and leaf differ from mk_unet both ways
+    cases = np.linspace(0.4, 0.8, 8)
+    per_case = {"mk_unet": cases, "order": cases + np.linspace(0.05, 0.15, 8), "leaf_eps": cases[::-1],
+                "leaf": cases + np.array([0.1, -0.1] * 4) * np.linspace(1.0, 1.7, 8)}
     segmenters = pd.DataFrame([{"dataset": "d", "segmenter": name, "params": params, "dice_mean": dice,
-                                "dice_std": 0.1, "iou_mean": dice - 0.1, "iou_std": 0.1}
+                                "dice_std": 0.1, "iou_mean": dice - 0.1, "iou_std": 0.1,
+                                "eval": str(metrics_parquet(tmp_path / f"{name}.eval.parquet", list(per_case[name]),
+                                                            list(per_case[name])))}
                                for name, params, dice in (("mk_unet", 25696, 0.6), ("order", 41610, 0.7),
                                                           ("leaf_eps", 900, 0.5), ("leaf", 900, 0.65))])
     table = segmenter_rows_table(segmenters, {"None (MK-UNet)": "mk_unet", "Stages 0-1": "order"}, "analyses.order")
     assert list(table["params"]) == [25696, 41610]
+    assert np.isnan(table["wilcoxon_p_value"].iloc[0]) and set(table["reference"]) == {"mk_unet"}
+    assert table["wilcoxon_p_value"].iloc[1] == pytest.approx(2 / 2 ** 8)
+    assert table["wilcoxon_median_difference"].iloc[1] == pytest.approx(0.1)  # distinct differences: exact test
     markdown = segmenter_rows_markdown(table, ORDER_CAPTION)
     assert markdown.startswith("ORDER Tables 5–6")
-    assert "| d | Stages 0-1 | order | 41,610 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in markdown
+    assert "against its dataset's first row (d: mk_unet)" in markdown
+    assert "| d | None (MK-UNet) | mk_unet | 25,696 | 60.0 ± 10.0 | 50.0 ± 10.0 | – |" in markdown
+    assert "| d | Stages 0-1 | order | 41,610 | 70.0 ± 10.0 | 60.0 ± 10.0 | 0.00781** |" in markdown
     with pytest.raises(InputDataError, match="order_all.*analyses.order"):
         segmenter_rows_table(segmenters, {"All": "order_all"}, "analyses.order")
 
@@ -360,8 +394,11 @@ def test_segmenter_ablation_rows_come_from_the_segmenter_table(tmp_path):
                                {"d/leaf_eps": tmp_path / "leaf_eps.parquet", "d/leaf": tmp_path / "leaf.parquet"},
                                tmp_path)
     assert sorted(tables) == ["leaf_parameterisation", "leaf_stability"]
-    assert "| d | x0 + alignment | leaf | 900 | 65.0 ± 10.0 | 55.0 ± 10.0 |" in (
-        tmp_path / "leaf_parameterisation.md").read_text()
+    parameterisation = (tmp_path / "leaf_parameterisation.md").read_text()
+    assert "| d | ε-prediction | leaf_eps | 900 | 50.0 ± 10.0 | 40.0 ± 10.0 | – |" in parameterisation
+    # half the cases up, half down by the same amount: not significant
+    p = tables["leaf_parameterisation"].set_index("segmenter").loc["leaf", "wilcoxon_p_value"]
+    assert p > 0.05 and f"| d | x0 + alignment | leaf | 900 | 65.0 ± 10.0 | 55.0 ± 10.0 | {p:.3g} |" in parameterisation
     stability = (tmp_path / "leaf_stability.md").read_text()
     assert "| d | ε-prediction | leaf_eps | 3 | 50.00 | 2.000 | 40.00 | 2.000 |" in stability
     assert "| d | x0 + alignment | leaf | 3 | 65.00 | 0.000 |" in stability
