@@ -260,12 +260,3 @@ def law_maps(generator_dir, data_dir, n: int = 6, timestep: int = 500, seed: int
     return {"sample_ids": data.index["sample_id"].to_numpy()[rows], "images": data.images[rows],
             "masks": data.masks[rows], "prior": mean_normalise(prior)[:, 0].numpy(), "delta": delta[:, 0].numpy(),
             "weights": weights[:, 0].numpy(), "timestep": int(timestep)}
-
-
-def write_law_figure(generator_dir, data_dir, out_png, n: int = 6, timestep: int = 500) -> None:
-    """The LAW weight figure (``segsynth.figures.law_weight_figure``) of a trained LAW generator."""
-    from .data.canonical import read_meta
-    from .figures import law_weight_figure
-
-    maps = law_maps(generator_dir, data_dir, n=n, timestep=timestep)
-    law_weight_figure(maps, read_meta(data_dir)["class_names"], out_png)
