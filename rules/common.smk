@@ -5,8 +5,8 @@ from pathlib import Path
 
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
                              canonical, check_references, dataset_sources, for_dataset, method_params,
-                             miner_schedule, round_methods, round_name, round_previous, science, subset_name,
-                             synthesizes, trains_on, used_methods, victr_source, weight_sources)
+                             miner_schedule, own_budget, round_methods, round_name, round_previous, science,
+                             subset_name, synthesizes, trains_on, used_methods, victr_source, weight_sources)
 from segsynth.papers import (PAPERS, PAPER_ITEMS, VGD_TABLE1_ROWS, VGD_TABLE3_ROWS, VGD_FIG7_ROWS,
                              MINER_BACKBONE_ROWS, item_outputs)
 from segsynth.provenance import code_version
@@ -236,13 +236,13 @@ def baseline_runs():
 
 
 def budget_runs():
-    """One row per (block, swept method, budget, seed); budget 1 is the method's main run."""
+    """One row per (block, swept method, budget, seed); the method's own budget is its main run."""
     if not BUDGET:
         return []
     seeds = range(BUDGET.get("n_seed", config["seeds"]["n_seed"]))
     return [
         dict(dataset=d, segmenter=s, method=method_label(g, m), budget=float(b), seed=seed,
-             path=f"results/{d}/eval/{s}/{g}/{m if float(b) == 1.0 else budget_name(m, b)}/seed{seed}.parquet")
+             path=f"results/{d}/eval/{s}/{g}/{m if float(b) == own_budget(config, m) else budget_name(m, b)}/seed{seed}.parquet")
         for d, s, g in segmenter_blocks()
         for m in BUDGET["methods"]
         if trains_with(s, g, m)

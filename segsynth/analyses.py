@@ -3,7 +3,8 @@ subsets, and VGD's synthesize–train rounds.
 
 - Budget sweep: the same method at N_s = b × |train| for b in a list (the paper's "gains keep growing with
   budget" for the Miner, saturating for RD). A sweep entry is an ordinary synthesis method whose ``budget`` is
-  b (the workflow derives ``<method>_x<b>`` entries); b = 1 is the main run itself.
+  b (the workflow derives ``<method>_x<b>`` entries); b = the method's own budget (``synthesis.budget``
+  unless its entry sets one) is the main run itself.
 - Adversariality subsets: the samples of one synthetic set whose adversariality under f_θ exceeds τ, read on the
   paper code's scale 1 − exp(−class-balanced CE) (records column ``adversariality``; the paper's subset
   table: count, share, ΔDSC, per-sample gain ΔDSC (points)/|U|). τ = 0 is the whole set, i.e. the main run.

@@ -167,14 +167,20 @@ def check_references(config: dict) -> None:
         miner_schedule(config, dataset)
 
 
+def own_budget(config: dict, method: str) -> float:
+    """The budget of a method's main run: its entry's ``budget``, else ``synthesis.budget``."""
+    return float(config["methods"][method].get("budget", config["synthesis"]["budget"]))
+
+
 def budget_methods(config: dict) -> dict[str, dict]:
-    """The method entries the budget sweep adds: ``<method>_x<b>`` = the method with budget b (b ≠ 1; b = 1 is
-    the method itself). A derived name that is already a configured method is a ConfigError."""
+    """The method entries the budget sweep adds: ``<method>_x<b>`` = the method with budget b, for every b but
+    the method's own budget (``own_budget``: that point of the sweep is the method's main run). A derived name
+    that is already a configured method is a ConfigError."""
     sweep = (config.get("analyses") or {}).get("budget")
     derived = {}
     for method in (sweep or {}).get("methods", []):
         for budget in sweep["budgets"]:
-            if float(budget) == 1.0:
+            if float(budget) == own_budget(config, method):
                 continue
             name = budget_name(method, budget)
             if name in config["methods"]:
@@ -207,7 +213,7 @@ def budget_sources(config: dict) -> dict[str, str]:
     for method in (sweep or {}).get("methods", []):
         family = {method: config["methods"][method]}
         for budget in sweep["budgets"]:
-            if float(budget) != 1.0:
+            if float(budget) != own_budget(config, method):
                 name = budget_name(method, budget)
                 family[name] = config["methods"].get(name) or {**config["methods"][method], "budget": float(budget)}
 

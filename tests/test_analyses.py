@@ -11,7 +11,7 @@ from test_tables import PNG_MAGIC, metrics_parquet
 from segsynth.config import budget_name, subset_name
 from segsynth.analyses import (adversarial_subset, budget_markdown, budget_table, subset_markdown,
                                subset_table)
-from segsynth.config import budget_methods, check_references
+from segsynth.config import budget_methods, budget_sources, check_references
 from segsynth.errors import ConfigError, InputDataError
 from segsynth.figures import budget_plot
 from segsynth.io import save_array, write_json, write_parquet
@@ -50,10 +50,15 @@ def test_a_set_without_adversariality_is_a_clear_error_and_leaves_nothing(tmp_pa
 def test_derived_names_and_the_budget_sweep_entries():
     assert budget_name("rd", 2) == "rd_x2" and budget_name("miner", 1.5) == "miner_x1p5"
     assert subset_name("rd", 0.3) == "rd_ls0p3" and subset_name("rd", 0.0) == "rd_ls0"
-    config = {"methods": {"rd": {"sampler": "ddim", "eta": 0.1}},
+    config = {"methods": {"rd": {"sampler": "ddim", "eta": 0.1}}, "synthesis": {"budget": 1},
               "analyses": {"budget": {"methods": ["rd"], "budgets": [1, 2, 6]}}}
     assert budget_methods(config) == {"rd_x2": {"sampler": "ddim", "eta": 0.1, "budget": 2.0},
                                       "rd_x6": {"sampler": "ddim", "eta": 0.1, "budget": 6.0}}
+    # the sweep point that is the main run is the method's own budget, not "1": at synthesis.budget 0.5 the 1×
+    # point is a set of its own, and the main run (0.5×) is its prefix
+    half = {**config, "synthesis": {"budget": 0.5}, "analyses": {"budget": {"methods": ["rd"], "budgets": [0.5, 1]}}}
+    assert budget_methods(half) == {"rd_x1": {"sampler": "ddim", "eta": 0.1, "budget": 1.0}}
+    assert budget_sources(half) == {"rd": "rd_x1"}
     config["methods"]["rd_x2"] = {"sampler": "ddim"}
     with pytest.raises(ConfigError, match="rd_x2"):
         budget_methods(config)

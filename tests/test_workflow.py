@@ -80,6 +80,21 @@ def test_invalid_config_is_refused_before_anything_runs(tmp_path, edit, message)
     assert not (tmp_path / "results").exists()
 
 
+def test_every_analysis_switches_off_with_null(tmp_path):
+    """null is the schema's off switch of each analysis; Snakemake's validate must not trip over defaults inside
+    one (it set them on the None: the schema keeps no defaults under a nullable object)."""
+    config = yaml.safe_load(E2E_CONFIG.read_text())
+    config["analyses"] = {name: None for name in ("budget", "subsets", "synthetic_only", "rounds", "cross_domain",
+                                                  "law", "victr", "leaf", "order")}
+    path = tmp_path / "off.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake("-n", "--configfile", str(path), "--quiet", "rules", "--", "all", "papers", cwd=tmp_path,
+                       timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["paper_law_order"] == 1 and not {"law_tables", "victr_tables", "subset_table"} & set(counts)
+
+
 @pytest.mark.slow
 def test_the_whole_dag_runs_end_to_end_and_reruns_incrementally(tmp_path, e2e_reference):
     # the shared uninterrupted run (conftest.e2e_reference), copied with its mtimes and Snakemake's records
