@@ -478,10 +478,13 @@ def _methods_spec(rows, reference, preset, segmenters=None):
                   for key in labels.values()}
     wanted = {pair for label, pair in pairs.items() if labels[label] not in absent}
     segmenters = segmenters or RUN["segmenters"]
-    runs = [r for r in baseline_runs() if ("", "baseline") in wanted and r["segmenter"] in segmenters] + [
-        dict(dataset=d, segmenter=s, method=method_label(g, m), seed=seed,
-             path=f"results/{d}/eval/{s}/{g}/{m}/seed{seed}.parquet")
-        for d, s, g, m, seed in augmented_runs() if (g, m) in wanted and s in segmenters]
+    augmented = [dict(dataset=d, segmenter=s, method=method_label(g, m), seed=seed,
+                      path=f"results/{d}/eval/{s}/{g}/{m}/seed{seed}.parquet")
+                 for d, s, g, m, seed in augmented_runs() if (g, m) in wanted and s in segmenters]
+    # a segmenter the run trains on real data only (run.segmenter_methods) has no column in a methods table
+    blocks = {(r["dataset"], r["segmenter"]) for r in augmented}
+    runs = [r for r in baseline_runs() if ("", "baseline") in wanted and r["segmenter"] in segmenters
+            and (not blocks or (r["dataset"], r["segmenter"]) in blocks)] + augmented
     return dict(kind="methods", rows=labels, reference=labels[reference], absent=absent, runs=runs,
                 sources=["results/tables/fidelity.parquet"] + [r["path"] for r in runs])
 

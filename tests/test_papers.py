@@ -192,6 +192,9 @@ def test_the_cpu_papers_preset_makes_every_paper_item_on_both_datasets(tmp_path)
     assert "results/mni152/synthetic/law-law/rd_law/seed1" in result.stdout
     assert "synthetic/law-law/rd/" not in result.stdout and "synthetic/tiny/rd_law/" not in result.stdout
     assert "eval/order/tiny/" not in result.stdout  # the segmenter papers' models are real-only
+    # ... so the methods tables have no column for them: VGD's Table 1 reads the Baseline of unet alone
+    vgd_inputs = result.stdout.split("rule paper_vgd:", 1)[1].split("output:", 1)[0]
+    assert "results/mni152/eval/unet/real.parquet" in vgd_inputs and "eval/mk_unet/real" not in vgd_inputs
     # Kvasir's LAW generators fine-tune its own generator (trained from scratch), MNI152's the shipped one
     assert re.search(r"input: results/kvasir/data, results/kvasir/generators/tiny\n\s+output: "
                      r"results/kvasir/generators/law-law", result.stdout)
