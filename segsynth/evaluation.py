@@ -132,7 +132,8 @@ def profile_segmenter(model_dir, data_dir, out_path) -> dict:
     segmenter = load_segmenter(model_dir)
     meta = read_meta(data_dir)
     network = segmenter.as_value_model()
-    image = torch.zeros(1, meta["channels"], *meta["resolution"])
+    # on the network's device: a segmenter loads onto the GPU when the job sees one
+    image = torch.zeros(1, meta["channels"], *meta["resolution"], device=next(network.parameters()).device)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         network(image)

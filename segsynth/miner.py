@@ -49,7 +49,7 @@ from .io import atomic_dir, write_json
 from .precision import autocast, compute_dtype, configure, grad_scaler
 from .sampling.ddim import DDIMTrajectory
 from .sampling.value import value_terms
-from .training import Checkpointer, default_device, set_torch_threads, step_rng
+from .training import Checkpointer, TrainingRecords, default_device, set_torch_threads, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,11 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
     scaler = grad_scaler(dtype, device)
     if scaler.is_enabled():
         objects["scaler"] = scaler
+    history: list[dict] = []
+    objects["records"] = TrainingRecords(history=history)
     checkpointer = Checkpointer(checkpoint_dir, cfg.get("checkpoint_every", 50), objects)
     start = checkpointer.restore()
     steps, batch_size = cfg["steps"], cfg["batch_size"]
-    history: list[dict] = []
     pending: list[torch.Tensor] = []
     began = time.time()
     miner.train()
@@ -258,7 +259,8 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
         # batch means stay on the device; read every 25 steps (a read waits for the GPU)
         pending.append(torch.stack([terms[k].detach().float().mean() for k in TERMS]))
         done = step + 1
-        if done % 25 == 0 or done == steps or (stop_after is not None and done >= stop_after):
+        if (done % 25 == 0 or done == steps or (stop_after is not None and done >= stop_after)
+                or checkpointer.due(done, steps)):  # the records go into the checkpoint
             history.extend(dict(zip(TERMS, row)) for row in torch.stack(pending).tolist())
             pending.clear()
         if done % 25 == 0:

@@ -7,6 +7,7 @@ would have drawn: killed-and-resumed training ends at the same step count with t
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -64,10 +65,36 @@ class Checkpointer:
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
+    def due(self, step: int, total: int) -> bool:
+        """Whether ``maybe_save`` saves after ``step`` completed steps (a loop flushes what it buffers first)."""
+        return self.every > 0 and step % self.every == 0 and step < total
+
     def maybe_save(self, step: int, total: int) -> None:
         """Save after ``step`` completed steps when on the interval (the final step is saved by the caller's output)."""
-        if self.every > 0 and step % self.every == 0 and step < total:
+        if self.due(step, total):
             self.save(step)
+
+
+class TrainingRecords:
+    """A training loop's per-step records (losses, statistics), checkpointed with its state_dicts.
+
+    The summary a trainer writes (final loss as the mean of the last 50 steps, the LAW ablation's first and
+    last 50-step means) reads these records, so a resumed run needs the steps before its kill too, or its
+    summary would cover only the steps after it. ``containers`` are the loop's own lists, deques or dicts of
+    them, restored in place.
+    """
+
+    def __init__(self, **containers):
+        self.containers = containers
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self.containers)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, saved in state.items():
+            target = self.containers[name]
+            target.clear()
+            (target.update if isinstance(target, dict) else target.extend)(saved)
 
 
 class TrainingBatches:

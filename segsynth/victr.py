@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .data.canonical import load_split, read_meta
 from .errors import ConfigError
-from .training import Checkpointer, TrainingBatches, default_device, set_torch_threads
+from .training import Checkpointer, TrainingBatches, TrainingRecords, default_device, set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -434,12 +434,13 @@ def _run_stage(name: str, generator, params, batches: TrainingBatches, stage: di
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=stage.get("warmup_steps", 0),
                                  num_training_steps=stage["steps"])
     trainable = torch.nn.ParameterList(params)
+    history: dict[str, list[float]] = {}
     checkpointer = Checkpointer(checkpoint_dir, opts["checkpoint_every"],
-                                {"params": trainable, "optimizer": optimizer, "lr_scheduler": lr_scheduler})
+                                {"params": trainable, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+                                 "records": TrainingRecords(history=history)})
     start = checkpointer.restore()
     stream = 0 if name == "stage1" else 1
     generator.train()
-    history: dict[str, list[float]] = {}
     for step in tqdm(range(start, stage["steps"]), initial=start, total=stage["steps"], desc=f"victr {name}",
                      mininterval=10):
         images, masks, g = batches.draw(seed, step, stage["batch_size"], stream)

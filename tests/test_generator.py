@@ -42,6 +42,8 @@ def test_training_resumes_to_the_same_weights(tmp_path, tiny_data, tiny_generato
     resumed = train_generator(tiny_generator_cfg, tiny_data, tmp_path / "resumed", seed=3)
     assert resumed["steps"] == 4 and resumed["resumed_from"] == 2
     assert not (tmp_path / "resumed.ckpt").exists()
+    # the summary covers the steps before the kill too (the loss records travel in the checkpoint)
+    assert resumed["final_loss"] == straight["final_loss"] and resumed["weighting"] == straight["weighting"]
     a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:

@@ -166,6 +166,14 @@ def test_a_killed_synthesis_resumes_on_cuda(models, tmp_path):
     assert np.load(tmp_path / "a" / "images.npy").shape == np.load(tmp_path / "b" / "images.npy").shape
 
 
+def test_segmenter_profile_on_cuda(models, tmp_path):
+    """The segmenter table's size and MACs with the model loaded onto the GPU (the input follows it)."""
+    from segsynth.evaluation import profile_segmenter
+
+    profile = profile_segmenter(models["seg"], models["data"], tmp_path / "profile.json")
+    assert profile["params"] > 0 and profile["macs"] > 0 and (tmp_path / "profile.json").exists()
+
+
 def test_a_small_dag_runs_end_to_end_on_cuda(tmp_path):
     from test_workflow import E2E_CONFIG, snakemake
 

@@ -179,6 +179,8 @@ def test_a_killed_training_resumes_to_the_same_miner(models, trained):
     assert stopped == {"steps": 20, "stopped": True} and not out.exists()
     stats = train_miner(MINER, models["data"], models["gen_dir"], models["seg_dir"], out, seed=0, schedule=SAMPLING)
     assert stats["resumed_from"] == 20 and stats["steps"] == MINER["steps"]
+    for key in ("final_reward", "final_seg_loss", "final_kl"):  # the records before the kill were checkpointed
+        assert stats[key] == trained[0][key], key
     resumed = AdversarialityMiner.load(out).state_dict()
     for name, value in trained[1].state_dict().items():
         assert torch.equal(value, resumed[name]), name

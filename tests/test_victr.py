@@ -138,8 +138,10 @@ def test_two_stage_training_resumes_after_a_kill_to_the_same_weights(tmp_path, k
     assert straight["steps"] == 7 and straight["stage2"]["ewc_weight"] > 0
     killed = victr.train_victr(VICTR, source, target, tmp_path / "resumed", seed=3, stop_after=kill_at)
     assert killed["stopped"] and not (tmp_path / "resumed").exists()
-    victr.train_victr(VICTR, source, target, tmp_path / "resumed", seed=3)
+    resumed = victr.train_victr(VICTR, source, target, tmp_path / "resumed", seed=3)
     assert not (tmp_path / "resumed.ckpt").exists()
+    for stage in ("stage1", "stage2"):  # each stage's loss records survive the kill
+        assert resumed[stage]["final_losses"] == straight[stage]["final_losses"], stage
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:

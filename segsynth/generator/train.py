@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..data.canonical import load_split, read_meta
 from ..law import SpatialWeighting
 from ..precision import autocast, compute_dtype, configure, grad_scaler
-from ..training import Checkpointer, TrainingBatches, default_device, set_torch_threads
+from ..training import Checkpointer, TrainingBatches, TrainingRecords, default_device, set_torch_threads
 from .model import load_parts, build_generator
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     if train_cfg["ema_decay"] > 0:
         ema = EMAModel(params, decay=train_cfg["ema_decay"], use_ema_warmup=True)
         objects["ema"] = ema
+    losses: list[float] = []
+    weight_stats: dict[str, deque] = {}  # per statistic its last 50 steps: all the summary reads
+    objects["records"] = TrainingRecords(losses=losses, weight_stats=weight_stats)
     checkpointer = Checkpointer(checkpoint_dir, train_cfg["checkpoint_every"], objects)
     start = checkpointer.restore()
     if ema is not None:
@@ -108,8 +111,7 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     batches = TrainingBatches(data, train_cfg["hflip"], data_dir)
     generator.train()
     weighting.train()
-    losses, pending = [], []
-    weight_stats: dict[str, deque] = {}  # per statistic its last 50 steps: all the summary reads
+    pending: list[torch.Tensor] = []
     began = time.time()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="generator", mininterval=10):
         # Randomness is drawn on the CPU (same numbers on any device), then the batch moves to the device.
@@ -162,13 +164,15 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
             ema.step(params)
         pending.append(loss.detach())
         done = step + 1
-        if done % 50 == 0 or done == steps:  # reading a loss waits for the GPU: every 50 steps only
+        stopping = stop_after is not None and done >= stop_after
+        # reading a loss waits for the GPU: every 50 steps, and before a checkpoint (the records go into it)
+        if done % 50 == 0 or done == steps or stopping or checkpointer.due(done, steps):
             losses.extend(torch.stack(pending).tolist())
             pending.clear()
         if done % 50 == 0:
             log.info("step %d/%d loss %.4f", done, steps, np.mean(losses[-50:]))
         checkpointer.maybe_save(done, steps)
-        if stop_after is not None and done >= stop_after:
+        if stopping:
             checkpointer.save(done)
             return {"steps": done, "stopped": True}
 
