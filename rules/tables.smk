@@ -347,6 +347,7 @@ if LAW:
             adherence="results/tables/adherence.parquet",
             main="results/tables/main.parquet",
             generators=[f"results/{d}/generators/{g}" for d in RUN["datasets"] for g in law_generators()],
+            evals=[run["path"] for run in main_runs()],  # per-case Dice for the paired tests
         output:
             **{f"{name}_{ext}": f"results/tables/{name}.{ext}"
                for name in ("law_synthesis", "law_downstream") for ext in ("parquet", "md")},
@@ -360,6 +361,7 @@ if LAW:
         params:
             code=code("law_tables"),
             settings=law_settings(),
+            runs=main_runs(),
             # Table 4's stability column reads each generator's training summary (one dataset's: the first)
             generator_dirs={g: f"results/{RUN['datasets'][0]}/generators/{g}" for g in law_generators()},
         log:
@@ -403,6 +405,7 @@ if VICTR_TABLES:
             fidelity="results/tables/fidelity.parquet",
             main="results/tables/main.parquet",
             benchmarks=list(victr_benchmarks().values()),
+            evals=[run["path"] for run in main_runs()],  # per-case Dice for the paired tests
         output:
             **{f"{name}_{ext}": f"results/tables/{name}.{ext}" for name in victr_table_names()
                for ext in ("parquet", "md") if (name, ext) != ("victr_synthesis", "md")},
@@ -416,6 +419,7 @@ if VICTR_TABLES:
             code=code("victr_tables"),
             settings=victr_settings(),
             benchmark_files=victr_benchmarks(),
+            runs=main_runs(),
         log:
             "logs/tables/victr.log",
         conda:

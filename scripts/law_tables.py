@@ -11,5 +11,6 @@ run_logged(
     adherence_path=snakemake.input.adherence,
     main_path=snakemake.input.main,
     generator_dirs=snakemake.params.generator_dirs,
+    runs=snakemake.params.runs,
     out_dir=Path(snakemake.output.law_synthesis_parquet).parent,
 )

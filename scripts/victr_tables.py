@@ -10,5 +10,6 @@ run_logged(
     fidelity_path=snakemake.input.fidelity,
     main_path=snakemake.input.main,
     benchmark_files=snakemake.params.benchmark_files,
+    runs=snakemake.params.runs,
     out_dir=Path(snakemake.output.victr_synthesis_parquet).parent,
 )

@@ -428,6 +428,31 @@ def p_cell(p_value) -> str:
     return f"{p_value:.3g}{significance_mark(p_value)}"
 
 
+def row_test(runs: pd.DataFrame | None, dataset: str, segmenter: str, label: str, reference: str) -> list[dict]:
+    """A LAW / ViCTr row table's ``wilcoxon_p`` metric row: the row's per-case DSC (its runs in ``runs``, the main
+    table's run list with eval paths, seeds pooled) against the reference row's, by :func:`wilcoxon_columns`;
+    ``value`` the p-value (NaN for the reference row itself), ``n`` the pairs. None without ``runs``."""
+    if runs is None:
+        return []
+
+    def paths(method: str) -> dict:
+        hit = runs[(runs["dataset"] == dataset) & (runs["segmenter"] == segmenter) & (runs["method"] == method)]
+        return dict(zip(hit["seed"].astype(int), hit["path"]))
+
+    candidate, base = paths(label), paths(reference)
+    if label == reference or not candidate or not base:
+        return [{"metric": "wilcoxon_p", "value": np.nan, "std": np.nan, "n": 0}]
+    test = wilcoxon_columns(candidate, base)
+    return [{"metric": "wilcoxon_p", "value": test["wilcoxon_p_value"], "std": np.nan,
+             "n": test["wilcoxon_n_pairs"]}]
+
+
+def row_test_phrase(reference: str) -> str:
+    """The caption's sentence on a row table's p column."""
+    return (f" p: two-sided Wilcoxon signed-rank test of the row's per-case DSC (seeds pooled) against the "
+            f"{reference} row's; * p < 0.05, ** p < 0.01.")
+
+
 def paired_test_phrase(table: pd.DataFrame) -> str:
     """The caption's sentence on a segmenter table's p column: the test and each dataset's reference row."""
     references = table.groupby("dataset", sort=False)["reference"].first()
@@ -604,10 +629,12 @@ def training_stability(stats: dict) -> str:
 
 
 def law_tables(settings: dict, fidelity: pd.DataFrame, adherence: pd.DataFrame, main: pd.DataFrame,
-               generator_stats: dict) -> dict[str, pd.DataFrame]:
+               generator_stats: dict, runs: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """LAW's Tables 1, 2 and 4 in long form (one row per dataset, row label and metric; ``value`` the mean over
     synthesis seeds, ``std`` their standard deviation, ``n`` the seeds). ``settings``: method, segmenter,
-    synthesis and ablation (label → generator), labelled; ``generator_stats``: generator → its train_stats."""
+    synthesis and ablation (label → generator), labelled; ``generator_stats``: generator → its train_stats.
+    With ``runs`` (the main table's runs and their eval paths), Tables 2 and 4 carry a ``wilcoxon_p`` metric:
+    each row's per-case DSC against Real only (Table 2) and against the ablation's first row (Table 4)."""
     method, segmenter, labelled = settings["method"], settings["segmenter"], settings["labelled"]
     summarise = seed_summary
 
@@ -636,17 +663,21 @@ def law_tables(settings: dict, fidelity: pd.DataFrame, adherence: pd.DataFrame, 
             base = {"dataset": dataset, "row": label, "generator": generator}
             synthesis += [{**base, **row} for row in fidelity_rows(dataset, label, generator)]
         downstream += [{"dataset": dataset, "row": "Real only", "generator": None, "segmenter": segmenter, **row}
-                       for row in downstream_rows(dataset, None)]
+                       for row in downstream_rows(dataset, None) + row_test(runs, dataset, segmenter, BASELINE,
+                                                                               BASELINE)]
         for label, generator in settings["synthesis"].items():
+            tested = row_test(runs, dataset, segmenter, _set_label(generator, method, labelled), BASELINE)
             downstream += [{"dataset": dataset, "row": f"+ {label}", "generator": generator, "segmenter": segmenter,
-                            **row} for row in downstream_rows(dataset, generator)]
+                            **row} for row in downstream_rows(dataset, generator) + tested]
+        first = _set_label(next(iter(settings["ablation"].values())), method, labelled) if settings["ablation"] else None
         for label, generator in settings["ablation"].items():
             base = {"dataset": dataset, "row": label, "generator": generator,
                     "stability": training_stability(generator_stats.get(generator, {}))}
             ablation += [{**base, **row} for row in fidelity_rows(dataset, label, generator)
                          if row["metric"] in ("fid", "domain_fid")]
-            ablation += [{**base, **row, "segmenter": segmenter} for row in downstream_rows(dataset, generator)
-                         if row["metric"] == "dice"]
+            tested = row_test(runs, dataset, segmenter, _set_label(generator, method, labelled), first)
+            ablation += [{**base, **row, "segmenter": segmenter} for row in downstream_rows(dataset, generator) + tested
+                         if row["metric"] in ("dice", "wilcoxon_p")]
     return {"law_synthesis": pd.DataFrame(synthesis), "law_downstream": pd.DataFrame(downstream),
             "law_ablation": pd.DataFrame(ablation)}
 
@@ -656,7 +687,8 @@ ROW_TABLE_COLUMNS = {"steps": ("Steps", 1.0, 0), "fid": ("FID", 1.0, 1), "kid_me
                      "domain_fid": ("Domain FID", 1.0, 3), "seconds_per_image": ("s / image", 1.0, 3),
                "adherence_dice": ("Adherence DSC (%) by f_θ", 100.0, 1),
                "judge_adherence_dice": ("Adherence DSC (%) by the judge", 100.0, 1),
-               "dice": ("mDice (%)", 100.0, 1), "iou": ("mIoU (%)", 100.0, 1), "hd95": ("mHD95 (px)", 1.0, 2)}
+               "dice": ("mDice (%)", 100.0, 1), "iou": ("mIoU (%)", 100.0, 1), "hd95": ("mHD95 (px)", 1.0, 2),
+               "wilcoxon_p": ("p (Wilcoxon, DSC)", 1.0, 3)}
 
 
 def value_cell(value: float, std: float, scale: float, decimals: int) -> str:
@@ -678,8 +710,12 @@ def row_table_markdown(table: pd.DataFrame, caption: str, extra: tuple[str, ...]
         cells = [dataset, row]
         for metric in metrics:
             hit = group[group["metric"] == metric]
-            cells.append(value_cell(hit["value"].iloc[0], hit["std"].iloc[0], *ROW_TABLE_COLUMNS[metric][1:]) if len(hit)
-                         else "–")
+            if not len(hit):
+                cells.append("–")
+            elif metric == "wilcoxon_p":
+                cells.append(p_cell(hit["value"].iloc[0]))
+            else:
+                cells.append(value_cell(hit["value"].iloc[0], hit["std"].iloc[0], *ROW_TABLE_COLUMNS[metric][1:]))
         cells += [str(group[e].iloc[0]) for e in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -700,27 +736,34 @@ LAW_CAPTIONS = {
 
 
 def write_law_tables(settings: dict, fidelity_path, adherence_path, main_path, generator_dirs: dict,
-                     out_dir) -> dict[str, pd.DataFrame]:
+                     out_dir, runs: list[dict] | None = None) -> dict[str, pd.DataFrame]:
     """The three LAW tables as ``<out_dir>/<name>.parquet`` and ``.md``; ``generator_dirs``: generator →
-    its trained directory (its ``train_stats.json`` has the training's weighting summary)."""
+    its trained directory (its ``train_stats.json`` has the training's weighting summary); ``runs``: the main
+    table's runs (dataset, segmenter, method, seed, path), for the paired tests."""
     from .io import read_json
 
     stats = {g: read_json(Path(d) / "train_stats.json") for g, d in generator_dirs.items()}
     tables = law_tables(settings, pd.read_parquet(fidelity_path), pd.read_parquet(adherence_path),
-                        pd.read_parquet(main_path), stats)
+                        pd.read_parquet(main_path), stats, pd.DataFrame(runs) if runs else None)
+    references = {"law_downstream": "Real only", "law_ablation": next(iter(settings["ablation"]), None)}
     for name, table in tables.items():
         write_parquet(Path(out_dir) / f"{name}.parquet", table)
         caption = LAW_CAPTIONS[name].format(**settings)
+        if runs and references.get(name):
+            caption += row_test_phrase(references[name])
         write_text(Path(out_dir) / f"{name}.md",
                    row_table_markdown(table, caption, ("stability",) if name == "law_ablation" else ()))
     return tables
 
 
-def victr_tables(settings: dict, fidelity: pd.DataFrame, main: pd.DataFrame, seconds: dict) -> dict[str, pd.DataFrame]:
+def victr_tables(settings: dict, fidelity: pd.DataFrame, main: pd.DataFrame, seconds: dict,
+                 runs: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """ViCTr's Tables 2, 3 and 4 in long form, a row per (dataset, row label) as the LAW tables. ``settings``:
     segmenter, synthesis and ablation (label → {generator, method}), steps (method → sampling steps),
     labelled; ``seconds``: "<dataset>/<generator>/<method>/seed<k>" → the synthesis job's wall seconds (its
-    benchmark file), divided by the set's size for the seconds per image."""
+    benchmark file), divided by the set's size for the seconds per image. With ``runs`` (the main table's runs
+    and their eval paths), Tables 3 and 4 carry a ``wilcoxon_p`` metric: each row's per-case DSC against its
+    table's first row."""
     segmenter, labelled = settings["segmenter"], settings["labelled"]
 
     def set_rows(dataset, row):
@@ -743,16 +786,25 @@ def victr_tables(settings: dict, fidelity: pd.DataFrame, main: pd.DataFrame, sec
         return [{"metric": metric, "segmenter": segmenter, **seed_summary(runs.loc[runs["metric"] == metric, "value"])}
                 for metric in metrics]
 
+    def tested(dataset, row, first):
+        return [{"segmenter": segmenter, **r} for r in row_test(
+            runs, dataset, segmenter, _set_label(row["generator"], row["method"], labelled),
+            _set_label(first["generator"], first["method"], labelled))]
+
     synthesis, downstream, ablation = [], [], []
+    ablation_rows = settings.get("ablation") or {}
     for dataset in dict.fromkeys(main["dataset"]):
+        first = next(iter(settings["synthesis"].values()))
         for label, row in settings["synthesis"].items():
             base = {"dataset": dataset, "row": label, **row}
             synthesis += [{**base, **r} for r in set_rows(dataset, row)]
-            downstream += [{**base, **r} for r in downstream_rows(dataset, row, ("dice", "hd95"))]
-        for label, row in (settings.get("ablation") or {}).items():
+            downstream += [{**base, **r} for r in downstream_rows(dataset, row, ("dice", "hd95"))
+                           + tested(dataset, row, first)]
+        for label, row in ablation_rows.items():
             base = {"dataset": dataset, "row": label, **row}
             ablation += [{**base, **r} for r in set_rows(dataset, row) if r["metric"] in ("fid", "domain_fid")]
-            ablation += [{**base, **r} for r in downstream_rows(dataset, row, ("dice",))]
+            ablation += [{**base, **r} for r in downstream_rows(dataset, row, ("dice",))
+                         + tested(dataset, row, next(iter(ablation_rows.values())))]
     return {"victr_synthesis": pd.DataFrame(synthesis), "victr_downstream": pd.DataFrame(downstream),
             "victr_ablation": pd.DataFrame(ablation)}
 
@@ -769,16 +821,24 @@ VICTR_CAPTIONS = {
 }
 
 
-def write_victr_tables(settings: dict, fidelity_path, main_path, benchmark_files: dict, out_dir) -> dict:
+def write_victr_tables(settings: dict, fidelity_path, main_path, benchmark_files: dict, out_dir,
+                       runs: list[dict] | None = None) -> dict:
     """The ViCTr tables as ``<out_dir>/<name>.parquet`` and ``.md``; ``benchmark_files``: set key → the
-    synthesis job's benchmark file (Snakemake's, column ``s``: wall seconds)."""
+    synthesis job's benchmark file (Snakemake's, column ``s``: wall seconds); ``runs``: the main table's runs
+    (dataset, segmenter, method, seed, path), for the paired tests."""
     seconds = {key: float(pd.read_csv(path, sep="\t")["s"].iloc[-1]) for key, path in benchmark_files.items()}
-    tables = victr_tables(settings, pd.read_parquet(fidelity_path), pd.read_parquet(main_path), seconds)
+    tables = victr_tables(settings, pd.read_parquet(fidelity_path), pd.read_parquet(main_path), seconds,
+                          pd.DataFrame(runs) if runs else None)
+    references = {"victr_downstream": next(iter(settings["synthesis"])),
+                  "victr_ablation": next(iter(settings.get("ablation") or {}), None)}
     for name, table in tables.items():
         if table.empty:  # no ablation rows configured
             continue
         write_parquet(Path(out_dir) / f"{name}.parquet", table)
-        write_text(Path(out_dir) / f"{name}.md", row_table_markdown(table, VICTR_CAPTIONS[name].format(**settings)))
+        caption = VICTR_CAPTIONS[name].format(**settings)
+        if runs and references.get(name):
+            caption += row_test_phrase(references[name])
+        write_text(Path(out_dir) / f"{name}.md", row_table_markdown(table, caption))
     return tables
 
 

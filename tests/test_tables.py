@@ -314,6 +314,52 @@ def test_law_tables_are_views_over_the_dag_tables_per_generator():
     assert training_stability({"weighting": {"losses_finite": True, "at_w_min": 0.9}}) == "collapsed"
 
 
+def test_law_and_victr_tables_test_rows_against_their_reference_row(tmp_path):
+    from segsynth.tables import law_tables, row_table_markdown, victr_tables
+
+    cases = list(np.linspace(0.3, 0.9, 7))
+    # per-case DSC: each method's seed s above the baseline's by distinct shifts (14 pairs, all positive)
+    shifted = {s: [c + 0.01 * (i + 1) + 0.1 * s for i, c in enumerate(cases)] for s in (0, 1)}
+    specs = [("baseline", 0, cases), *((m, s, shifted[s]) for m in ("g_l:rd", "g_x:rd") for s in (0, 1)),
+             *(("g_r:rd", s, cases) for s in (0, 1))]
+    runs = pd.DataFrame([{"dataset": "d", "segmenter": "unet", "method": method, "seed": seed,
+                          "path": metrics_parquet(tmp_path / f"{method.replace(':', '_')}{seed}.parquet", dice, dice)}
+                         for method, seed, dice in specs])
+    main = pd.DataFrame([{"dataset": "d", "segmenter": "unet", "method": m, "seed": s, "class": "mean",
+                          "metric": metric, "value": 0.6, "unit": "slice·px"}
+                         for m, s, _ in specs for metric in ("dice", "iou", "hd95")])
+    fidelity = pd.DataFrame([{"dataset": "d", "generator": g, "method": f"{g}:rd", "seed": 0, "metric": metric,
+                              "value": 1.0, "n_samples": 10, "n_real": 10}
+                             for g in ("g_l", "g_r", "g_x") for metric in ("fid", "kid_mean", "domain_fid")])
+    adherence = pd.DataFrame([{"dataset": "d", "method": f"{g}:rd", "seed": 0, "dice": 0.5} for g in ("g_l", "g_r")])
+    settings = {"method": "rd", "segmenter": "unet", "labelled": True, "synthesis": {"LAW": "g_l"},
+                "ablation": {"Raw": "g_r", "LAW": "g_l"}}
+    tables = law_tables(settings, fidelity, adherence, main, {}, runs)
+    downstream = tables["law_downstream"].set_index(["row", "metric"])
+    assert np.isnan(downstream.loc[("Real only", "wilcoxon_p"), "value"])  # the reference row itself
+    assert downstream.loc[("+ LAW", "wilcoxon_p"), "value"] == pytest.approx(2 / 2 ** 14)
+    assert downstream.loc[("+ LAW", "wilcoxon_p"), "n"] == 14  # both seeds paired with the one Baseline run
+    ablation = tables["law_ablation"].set_index(["row", "metric"])
+    assert np.isnan(ablation.loc[("Raw", "wilcoxon_p"), "value"])  # against the ablation's first row
+    assert ablation.loc[("LAW", "wilcoxon_p"), "value"] == pytest.approx(2 / 2 ** 14)
+    markdown = row_table_markdown(tables["law_ablation"], "caption", ("stability",))
+    assert "p (Wilcoxon, DSC)" in markdown and "| 0.000122** |" in markdown
+    assert set(law_tables(settings, fidelity, adherence, main, {})["law_ablation"]["metric"]) == {
+        "fid", "domain_fid", "dice"}  # no run list: no test
+
+    rows = {"DDIM": {"generator": "g_r", "method": "rd"}, "ViCTr": {"generator": "g_l", "method": "rd"},
+            "Same as DDIM": {"generator": "g_r", "method": "rd"}}
+    victr = victr_tables({"segmenter": "unet", "labelled": True, "synthesis": rows, "steps": {"rd": 4},
+                          "ablation": {"ViCTr": rows["ViCTr"], "w/o Tweedie": {"generator": "g_x", "method": "rd"}}},
+                         fidelity, main, {}, runs)
+    downstream = victr["victr_downstream"].set_index(["row", "metric"])
+    assert downstream.loc[("ViCTr", "wilcoxon_p"), "value"] == pytest.approx(2 / 2 ** 14)
+    assert np.isnan(downstream.loc[("Same as DDIM", "wilcoxon_p"), "value"])  # identical per-case Dice: no test
+    ablation = victr["victr_ablation"].set_index(["row", "metric"])
+    assert np.isnan(ablation.loc[("w/o Tweedie", "wilcoxon_p"), "value"])  # g_x's cases equal g_l's
+    assert ablation.loc[("w/o Tweedie", "wilcoxon_p"), "n"] == 14
+
+
 def test_victr_tables_are_views_over_the_dag_tables_and_benchmarks(tmp_path):
     from segsynth.tables import victr_tables, write_victr_tables
 
