@@ -305,10 +305,15 @@ def test_law_tables_and_figure_run_end_to_end(tmp_path):
     assert synthesis.loc[synthesis["metric"] == "fid", "value"].notna().all()
     downstream = pd.read_parquet(tables / "law_downstream.parquet")
     assert list(dict.fromkeys(downstream["row"])) == ["Real only", "+ Uniform", "+ Adaptive Distillation", "+ LAW"]
-    assert downstream["value"].between(0, 1).all()
+    dice = downstream["metric"] != "wilcoxon_p"
+    assert downstream.loc[dice, "value"].between(0, 1).all()
+    p_values = downstream[~dice].set_index("row")["value"]  # each row against Real only, itself untested
+    tested = p_values.drop("Real only")  # NaN only where a row's per-case Dice equals Real only's everywhere
+    assert np.isnan(p_values["Real only"]) and tested.notna().any() and tested.dropna().between(0, 1).all()
     ablation = pd.read_parquet(tables / "law_ablation.parquet")
     assert set(ablation["stability"]) <= {"stable", "diverged", "collapsed", "unstable"}
     assert "| mni152 | LAW |" in (tables / "law_ablation.md").read_text()
+    assert "p (Wilcoxon, DSC)" in (tables / "law_ablation.md").read_text()
     assert (tmp_path / "results" / "figures" / "law_weights_mni152.png").stat().st_size > 0
     generators = tmp_path / "results" / "mni152" / "generators"
     law = json.loads((generators / "tiny-law" / "train_stats.json").read_text())["weighting"]
