@@ -431,7 +431,7 @@ def p_cell(p_value) -> str:
 def row_test(runs: pd.DataFrame | None, dataset: str, segmenter: str, label: str, reference: str) -> list[dict]:
     """A LAW / ViCTr row table's ``wilcoxon_p`` metric row: the row's per-case DSC (its runs in ``runs``, the main
     table's run list with eval paths, seeds pooled) against the reference row's, by :func:`wilcoxon_columns`;
-    ``value`` the p-value (NaN for the reference row itself), ``n`` the pairs. None without ``runs``."""
+    ``value`` the p-value (NaN for the reference row itself), ``n`` the pairs. No row without ``runs``."""
     if runs is None:
         return []
 
@@ -793,8 +793,8 @@ def victr_tables(settings: dict, fidelity: pd.DataFrame, main: pd.DataFrame, sec
 
     synthesis, downstream, ablation = [], [], []
     ablation_rows = settings.get("ablation") or {}
+    first, first_ablation = next(iter(settings["synthesis"].values())), next(iter(ablation_rows.values()), None)
     for dataset in dict.fromkeys(main["dataset"]):
-        first = next(iter(settings["synthesis"].values()))
         for label, row in settings["synthesis"].items():
             base = {"dataset": dataset, "row": label, **row}
             synthesis += [{**base, **r} for r in set_rows(dataset, row)]
@@ -804,7 +804,7 @@ def victr_tables(settings: dict, fidelity: pd.DataFrame, main: pd.DataFrame, sec
             base = {"dataset": dataset, "row": label, **row}
             ablation += [{**base, **r} for r in set_rows(dataset, row) if r["metric"] in ("fid", "domain_fid")]
             ablation += [{**base, **r} for r in downstream_rows(dataset, row, ("dice",))
-                         + tested(dataset, row, next(iter(ablation_rows.values())))]
+                         + tested(dataset, row, first_ablation)]
     return {"victr_synthesis": pd.DataFrame(synthesis), "victr_downstream": pd.DataFrame(downstream),
             "victr_ablation": pd.DataFrame(ablation)}
 
