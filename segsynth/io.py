@@ -59,6 +59,12 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def json_value(obj):
+    """``obj`` as ``write_json`` then ``read_json`` give it back (tuples as lists, paths as strings), for
+    comparing a dict with one read from disk."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
 def write_parquet(path, frame: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)

@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import MASK_VAE_DEFAULTS
+from .config import MASK_VAE_DEFAULTS, science
 from .data.canonical import load_split, read_meta
 from .errors import InputDataError
 from .io import atomic_dir, write_json, write_parquet
-from .training import Checkpointer, default_device, set_torch_threads, step_rng, step_torch_generator
+from .training import (Checkpointer, claim_checkpoint_dir, default_device, inputs_fingerprint, set_torch_threads,
+                       step_rng, step_torch_generator)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,9 @@ def train_mask_vae(cfg: dict, data_dir, out_dir, seed: int, checkpoint_dir=None,
     cfg = {**MASK_VAE_DEFAULTS, **(cfg or {})}
     set_torch_threads(threads)
     device = default_device()
-    checkpoint_dir = Path(checkpoint_dir or f"{out_dir}.ckpt")
+    checkpoint_dir = claim_checkpoint_dir(checkpoint_dir or f"{out_dir}.ckpt",
+                                          {"trainer": "mask_vae", "cfg": science("mask_vae", cfg), "seed": seed,
+                                           "inputs": inputs_fingerprint([data_dir])})
     class_names = read_meta(data_dir)["class_names"]
     masks_all = torch.from_numpy(np.ascontiguousarray(load_split(data_dir, "train").masks))
     if len(class_names) < 2:

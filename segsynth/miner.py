@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import science
 from .data.canonical import load_split
 from .errors import InputDataError
 from .generator import MaskToImageGenerator
@@ -49,7 +50,8 @@ from .io import atomic_dir, write_json
 from .precision import autocast, compute_dtype, configure, grad_scaler
 from .sampling.ddim import DDIMTrajectory
 from .sampling.value import value_terms
-from .training import Checkpointer, TrainingRecords, default_device, set_torch_threads, step_rng
+from .training import (Checkpointer, TrainingRecords, claim_checkpoint_dir, default_device, inputs_fingerprint,
+                       set_torch_threads, step_rng)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,10 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
 
     set_torch_threads(threads)
     device = default_device()
-    checkpoint_dir = Path(checkpoint_dir or f"{out_dir}.ckpt")
+    checkpoint_dir = claim_checkpoint_dir(
+        checkpoint_dir or f"{out_dir}.ckpt",
+        {"trainer": "miner", "cfg": science("miner", cfg), "seed": seed, "schedule": schedule, "precision": precision,
+         "cpu_autocast": cpu_autocast, "inputs": inputs_fingerprint([data_dir, generator_dir, value_model_dir])})
     configure(precision, device)
     dtype = compute_dtype(precision, device, cpu_autocast)
     generator = MaskToImageGenerator.load(generator_dir).to(device, dtype).requires_grad_(False).eval()

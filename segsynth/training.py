@@ -8,14 +8,15 @@ would have drawn: killed-and-resumed training ends at the same step count with t
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
-import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import atomic_path
+from .io import atomic_path, json_value, read_json, write_json
 from .workflow import set_torch_threads  # noqa: F401  (re-exported for the trainers)
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,43 @@ def step_torch_generator(seed: int, step: int, stream: int = 0) -> torch.Generat
 def default_device() -> torch.device:
     """The GPU when there is one (a cluster job with gpu=1), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inputs_fingerprint(paths) -> str:
+    """A hash of the files under ``paths`` (relative path, size, modification time): a retrained generator or
+    f_θ gives another fingerprint, so checkpoints made from the old one are not reused. ``None`` entries count
+    as absent inputs."""
+    digest = hashlib.sha256()
+    for root in paths:
+        if root is None:
+            digest.update(b"-")
+            continue
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root.parent)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def claim_checkpoint_dir(directory, job: dict) -> Path:
+    """``directory``, ready to hold the checkpoints of ``job``: what decides the job's result (its config, seed
+    and ``inputs_fingerprint``), recorded in ``job.json``.
+
+    A directory left by another job is emptied first, never resumed: Snakemake reruns a job whose config, code
+    or inputs changed, and the checkpoint of the killed run it replaces (a beside-the-output ``<out>.ckpt``
+    Snakemake does not know about) would otherwise continue under the new settings, or fail to load when its
+    format changed. A directory without ``job.json`` predates this record and is emptied too."""
+    directory = Path(directory)
+    job = json_value(job)
+    job_file = directory / "job.json"
+    if directory.exists() and (not job_file.exists() or read_json(job_file) != job):
+        log.info("discarding the checkpoints in %s: they belong to another job (its config, seed or inputs "
+                 "differ)", directory)
+        shutil.rmtree(directory)
+    if not job_file.exists():
+        write_json(job_file, job)
+    return directory
 
 
 class Checkpointer:

@@ -52,8 +52,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data.canonical import load_split, read_meta
+from .config import science, weight_sources
 from .errors import ConfigError
-from .training import Checkpointer, TrainingBatches, TrainingRecords, default_device, set_torch_threads
+from .training import (Checkpointer, TrainingBatches, TrainingRecords, claim_checkpoint_dir, default_device,
+                       inputs_fingerprint, set_torch_threads)
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +310,10 @@ def train_victr(cfg: dict, source_dir, data_dir, out_dir, seed: int, prompt_temp
 
     set_torch_threads(threads)
     opts = victr_options(cfg)
-    checkpoint_dir = Path(checkpoint_dir or f"{out_dir}.ckpt")
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = claim_checkpoint_dir(
+        checkpoint_dir or f"{out_dir}.ckpt",
+        {"trainer": "victr", "cfg": science("generator", cfg), "seed": seed, "prompt_template": prompt_template,
+         "inputs": inputs_fingerprint([source_dir, data_dir, *weight_sources(cfg)])})
     meta = read_meta(data_dir)
     if source_dir is not None:
         source_meta = read_meta(source_dir)

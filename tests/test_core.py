@@ -2,7 +2,6 @@
 
 import copy
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from conftest import REPO
 from segsynth.config import check_references, method_params, validate_config
 from segsynth.errors import ConfigError
 from segsynth.io import atomic_dir, atomic_path, read_json, write_json
-from segsynth.training import Checkpointer, step_rng, step_torch_generator
+from segsynth.training import Checkpointer, claim_checkpoint_dir, inputs_fingerprint, step_rng, step_torch_generator
 from segsynth.workflow import run_logged
 
 
@@ -60,6 +59,34 @@ def test_checkpointer_round_trip(tmp_path):
         model.weight.add_(1.0)
     assert Checkpointer(tmp_path, 2, {"model": model}).restore() == 2
     assert torch.equal(model.weight, saved["weight"])
+
+
+def test_a_checkpoint_directory_of_another_job_is_emptied_not_resumed(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.npz").write_bytes(b"x")
+    job = {"cfg": {"lr": 1e-3, "betas": (0.9, 0.99)}, "seed": 0, "inputs": inputs_fingerprint([data, None])}
+    ckpt = claim_checkpoint_dir(tmp_path / "out.ckpt", job)
+    (ckpt / "last.pt").write_bytes(b"state")
+    # the same job (tuples compare as the lists job.json holds) keeps its checkpoint
+    assert (claim_checkpoint_dir(ckpt, copy.deepcopy(job)) / "last.pt").exists()
+    # another seed, another config value, a rewritten input: the checkpoint is discarded
+    for changed in ({**job, "seed": 1}, {**job, "cfg": {"lr": 2e-3, "betas": (0.9, 0.99)}}):
+        (ckpt / "last.pt").write_bytes(b"state")
+        claim_checkpoint_dir(ckpt, job)
+        assert not (claim_checkpoint_dir(ckpt, changed) / "last.pt").exists()
+        assert read_json(ckpt / "job.json")["cfg"] == copy.deepcopy(changed)["cfg"] | {"betas": [0.9, 0.99]}
+    claim_checkpoint_dir(ckpt, job)
+    (ckpt / "last.pt").write_bytes(b"state")
+    (data / "train.npz").write_bytes(b"yy")
+    assert inputs_fingerprint([data, None]) != job["inputs"]
+    assert not (claim_checkpoint_dir(ckpt, {**job, "inputs": inputs_fingerprint([data, None])}) / "last.pt").exists()
+    # a directory from before job.json existed (an older checkpoint format) is discarded too
+    legacy = tmp_path / "legacy.ckpt"
+    legacy.mkdir()
+    (legacy / "last.pt").write_bytes(b"old format")
+    assert not (claim_checkpoint_dir(legacy, job) / "last.pt").exists()
+    assert read_json(legacy / "job.json")["seed"] == 0
 
 
 def _default_config():

@@ -1,6 +1,7 @@
 """The mask-to-image generator: build, train with resume, save/load, and the from_pretrained path."""
 
-import numpy as np
+import copy
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -48,6 +49,20 @@ def test_training_resumes_to_the_same_weights(tmp_path, tiny_data, tiny_generato
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_rerun_after_a_config_change_starts_afresh(tmp_path, tiny_data, tiny_generator_cfg):
+    # Snakemake reruns a job whose config changed: the killed run's checkpoint (beside the output, where Snakemake
+    # does not look) was made under the old config and must not be continued
+    train_generator(tiny_generator_cfg, tiny_data, tmp_path / "gen", seed=3, stop_after=2)
+    changed = copy.deepcopy(tiny_generator_cfg)
+    changed["training"]["lr"] *= 2
+    assert train_generator(changed, tiny_data, tmp_path / "gen", seed=3)["resumed_from"] == 0
+    # a runtime key (how often to checkpoint) does not change the job: its checkpoint resumes
+    train_generator(tiny_generator_cfg, tiny_data, tmp_path / "again", seed=3, stop_after=2)
+    runtime = copy.deepcopy(tiny_generator_cfg)
+    runtime["training"]["checkpoint_every"] = 3
+    assert train_generator(runtime, tiny_data, tmp_path / "again", seed=3)["resumed_from"] == 2
 
 
 def test_training_changes_the_weights_and_save_load_round_trips(tmp_path, tiny_data, tiny_generator_cfg):

@@ -18,7 +18,6 @@ import logging
 import shutil
 import time
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +28,9 @@ from tqdm.auto import tqdm
 from ..data.canonical import load_split, read_meta
 from ..law import SpatialWeighting
 from ..precision import autocast, compute_dtype, configure, grad_scaler
-from ..training import Checkpointer, TrainingBatches, TrainingRecords, default_device, set_torch_threads
+from ..config import science, weight_sources
+from ..training import (Checkpointer, TrainingBatches, TrainingRecords, claim_checkpoint_dir, default_device,
+                        inputs_fingerprint, set_torch_threads)
 from .model import load_parts, build_generator
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,11 @@ def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: st
     """
     set_torch_threads(threads)
     train_cfg = cfg["training"]
-    checkpoint_dir = Path(checkpoint_dir or f"{out_dir}.ckpt")
+    checkpoint_dir = claim_checkpoint_dir(
+        checkpoint_dir or f"{out_dir}.ckpt",
+        {"trainer": "generator", "cfg": science("generator", cfg), "seed": seed, "prompt_template": prompt_template,
+         "precision": precision, "cpu_autocast": cpu_autocast,
+         "inputs": inputs_fingerprint([data_dir, *weight_sources(cfg)])})
     meta = read_meta(data_dir)
     data = load_split(data_dir, "train")
     device = default_device()

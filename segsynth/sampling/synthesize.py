@@ -8,8 +8,6 @@ image under the frozen real-only segmenter f_θ) and ``meta.json``. Written atom
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -24,10 +22,10 @@ from ..data.canonical import load_split
 from ..generator import MaskToImageGenerator
 from ..config import science
 from ..precision import autocast, compute_dtype, configure
-from ..io import atomic_dir, read_json, save_array, write_json, write_parquet
+from ..io import atomic_dir, json_value, read_json, save_array, write_json, write_parquet
 from ..mask_sources import MASK_SOURCES, augment_pairs, augment_seed
 from ..mask_vae import class_presence, cvae_seed
-from ..training import default_device, set_torch_threads
+from ..training import claim_checkpoint_dir, default_device, inputs_fingerprint, set_torch_threads
 from .base import build_sampler, noise_seed
 from .value import value_terms
 
@@ -176,36 +174,15 @@ def _first_candidates(directory, source_ids: np.ndarray) -> np.ndarray:
     return reused.images
 
 
-def inputs_fingerprint(paths) -> str:
-    """A hash of the files under ``paths`` (relative path, size, modification time): a retrained generator or
-    f_θ gives another fingerprint, so shards sampled from the old one are not reused."""
-    digest = hashlib.sha256()
-    for root in paths:
-        if root is None:
-            digest.update(b"-")
-            continue
-        root = Path(root)
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root.parent)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 class ShardStore:
     """The per-batch shards of one synthesis job: ``batch_<first sample>.npy`` (images) and ``.json`` (records,
     sampling seconds), each written atomically, the JSON last, so a shard counts once its JSON exists.
-    ``job.json`` names the job; a store that belongs to another job is emptied on opening."""
+    ``job.json`` names the job; a store that belongs to another job is emptied on opening
+    (``segsynth.training.claim_checkpoint_dir``)."""
 
     def __init__(self, directory, job: dict):
-        self.directory = Path(directory)
-        self.job = json.loads(json.dumps(job, sort_keys=True))  # as job.json reads back (tuples → lists)
-        job_file = self.directory / "job.json"
-        if self.directory.exists() and (not job_file.exists() or read_json(job_file) != job):
-            log.info("discarding the shards in %s: they belong to another synthesis job", self.directory)
-            shutil.rmtree(self.directory)
-        if not job_file.exists():
-            write_json(job_file, job)
+        self.directory = claim_checkpoint_dir(directory, job)
+        self.job = json_value(job)
 
     def _shards(self) -> list[dict]:
         shards = [read_json(p) for p in sorted(self.directory.glob("batch_*.json"))]

@@ -13,8 +13,9 @@ from typing import Iterable
 
 import numpy as np
 
+from ..config import science, weight_sources
 from ..errors import ConfigError, InputDataError
-from ..training import set_torch_threads
+from ..training import claim_checkpoint_dir, inputs_fingerprint, set_torch_threads
 from .base import (STATS_FILE, Segmenter, SyntheticSet, TorchSegmenter, load_synthetic_set,
                    read_model_meta)
 from .leaf import LEAF
@@ -79,7 +80,10 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
     set_torch_threads(threads)
     out_dir = Path(out_dir)
     synthetic_dirs = [Path(d) for d in synthetic_dirs]
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".ckpt")
+    checkpoint_dir = claim_checkpoint_dir(
+        checkpoint_dir if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".ckpt"),
+        {"trainer": "segmenter", "cfg": science("segmenter", cfg), "seed": seed, "precision": precision, "include_real": include_real,
+         "inputs": inputs_fingerprint([data_dir, init_dir, *synthetic_dirs, *weight_sources(cfg)])})
     protocol = protocol_of(cfg)
     if init_dir is not None and protocol != "continue":
         raise ConfigError("segmenters.protocol", f"an initial model ({init_dir}) is only used by protocol 'continue', "
