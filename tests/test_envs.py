@@ -9,7 +9,6 @@ the Snakefile puts it.
 
 import re
 import subprocess
-import sys
 import venv
 
 import pytest

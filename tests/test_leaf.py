@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import toy_arrays
 from diffusers import UNet2DModel
 
