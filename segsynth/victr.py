@@ -234,6 +234,12 @@ def stage_losses(generator, images, masks, g, device, opts: dict, weights: dict,
     drop = torch.rand(batch, generator=g) < opts.get("prompt_dropout", 0.0)
     x_t = interpolate(x0, noise, sigma)
     cond = generator.mask_condition(masks)
+    if opts.get("mask_dropout", 0.0) > 0:
+        # as segsynth.generator.train: the whole condition dropped, the unconditional flow that guidance on the
+        # mask extrapolates away from; drawn only when enabled, so recipes without it keep their noise
+        drop_mask = torch.rand(batch, generator=g) < opts["mask_dropout"]
+        drop = drop | drop_mask
+        cond = torch.where(drop_mask.to(device).view(-1, 1, 1, 1), generator.null_condition(cond), cond)
     prompt = generator.encode_prompt(masks)
     if drop.any():
         prompt = torch.where(drop.to(device).view(-1, 1, 1), generator.encode_prompt(masks, unconditional=True),
@@ -288,6 +294,7 @@ def victr_options(cfg: dict) -> dict:
     stage1["losses"] = {**STAGE1_LOSSES, **(stage1.get("losses") or {})}
     return {"tweedie": own.get("tweedie", True), "temporal_gap": own.get("temporal_gap", 0.1),
             "fisher_batches": own.get("fisher_batches", 8), "prompt_dropout": train.get("prompt_dropout", 0.0),
+            "mask_dropout": train.get("mask_dropout", 0.0),
             "hflip": train.get("hflip", True), "checkpoint_every": train.get("checkpoint_every", 50),
             "train_unet": train.get("train_unet", True), "stage1": stage1, "stage2": dict(train),
             "losses": {**STAGE2_LOSSES, **(own.get("losses") or {})},
@@ -423,7 +430,7 @@ def _fisher_losses(generator, batches: TrainingBatches, opts: dict, seed: int, d
         images, masks, g = batches.draw(seed, i, batch_size, stream=2)
 
         def loss(images=images, masks=masks, g=g):
-            return stage_losses(generator, images, masks, g, device, {**opts, "prompt_dropout": 0.0},
+            return stage_losses(generator, images, masks, g, device, {**opts, "prompt_dropout": 0.0, "mask_dropout": 0.0},
                                 {"diffusion": 1.0})["diffusion"]
         yield loss
 

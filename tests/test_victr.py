@@ -126,6 +126,27 @@ def test_lora_trains_only_the_adapters_and_starts_at_the_base_model(tiny_data):
         victr.add_lora(torch.nn.Linear(2, 2), 2, None, ["to_q"], seed=0)
 
 
+@pytest.mark.parametrize("mask_dropout", [0.0, 1.0])
+def test_mask_dropout_trains_the_unconditional_flow(tiny_data, monkeypatch, mask_dropout):
+    # guidance on the mask (mask_guidance_scale, the Kvasir recipe) needs the flow to have seen the "no mask"
+    # condition; before, a victr entry's mask_dropout was read by nothing
+    gen = build_generator(VICTR, CLASSES, 1, (16, 16), seed=0)
+    cfg = copy.deepcopy(VICTR)
+    cfg["training"]["mask_dropout"] = mask_dropout
+    seen = []
+    real_output = gen.model_output
+    monkeypatch.setattr(gen, "model_output", lambda x, t, cond, prompt: seen.append((cond, prompt))
+                        or real_output(x, t, cond, prompt))
+    images, masks, g = TrainingBatches(load_split(tiny_data, "train"), hflip=True).draw(0, 0, 4, stream=1)
+    victr.stage_losses(gen, images, masks, g, "cpu", victr.victr_options(cfg), {"diffusion": 1.0})
+    cond, prompt = seen[0]
+    if mask_dropout:
+        assert torch.equal(cond, gen.null_condition(cond))
+        torch.testing.assert_close(prompt, gen.encode_prompt(masks, unconditional=True))
+    else:
+        assert torch.equal(cond, gen.mask_condition(masks))
+
+
 def _weights(directory):
     return {k: v.clone() for k, v in MaskToImageGenerator.load(directory).state_dict().items()}
 
