@@ -48,7 +48,7 @@ def sample_grid(data_dir, synthetic_dirs: dict[str, Path], out_png, n: int = 6, 
     cmap = _mask_colormap(len(class_names))
     for col, source in enumerate(sources):
         _show_image(axes[0, col], real.images[real_row[source]])
-        axes[0, col].set_title(source, fontsize="small")
+        axes[0, col].set_title(_column_title(source), fontsize="small")
         axes[1, col].imshow(real.masks[real_row[source]], cmap=cmap, vmin=0, vmax=len(class_names) - 1,
                             interpolation="nearest")
         for row, synthetic in enumerate(sets.values(), start=2):
@@ -169,6 +169,12 @@ def _mask_colormap(num_classes: int) -> ListedColormap:
     return ListedColormap([(0.0, 0.0, 0.0), *sns.color_palette("tab10", max(num_classes - 1, 1))][:num_classes])
 
 
+def _column_title(sample_id, width: int = 14) -> str:
+    """A sample id short enough for a panel's title: Kvasir-SEG's 25-character ids overlap their neighbours'."""
+    text = str(sample_id)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def _show_image(ax: Axes, image: np.ndarray) -> None:
     """A (C, H, W) image in [0, 1]: RGB as it is, any other channel count by its first channel in grey."""
     if image.shape[0] == 3:
@@ -194,7 +200,7 @@ def law_weight_figure(maps: dict, class_names: list[str], out_png) -> None:
     cmap = _mask_colormap(len(class_names))
     for col in range(columns):
         _show_image(axes[0, col], maps["images"][col])
-        axes[0, col].set_title(str(maps["sample_ids"][col]), fontsize="small")
+        axes[0, col].set_title(_column_title(maps["sample_ids"][col]), fontsize="small")
         axes[1, col].imshow(maps["masks"][col], cmap=cmap, vmin=0, vmax=len(class_names) - 1,
                             interpolation="nearest")
     # one colour scale per map row, shared across its columns

@@ -174,3 +174,20 @@ def test_law_trains_a_stable_diffusion_controlnet_at_latent_resolution(tmp_path,
     assert stats["weighting"]["losses_finite"] and 0 < stats["weighting"]["delta_mean"] < 1
     weighting = SpatialWeighting(gen, {"weighting": "law"})
     assert weighting.teacher.controlnet_cond_embedding.conv_in.in_channels == gen.num_classes + gen.channels
+
+
+def test_the_weight_figure_draws_long_sample_ids_as_short_titles(tmp_path, monkeypatch):
+    # Kvasir-SEG's 25-character ids overlapped their neighbours' titles in the first Kvasir figure
+    import numpy as np
+
+    from segsynth import figures
+
+    titles = []
+    monkeypatch.setattr(figures.Axes, "set_title", lambda ax, text, **kw: titles.append(text))
+    rng = np.random.default_rng(0)
+    maps = {"sample_ids": ["cju0qkwl35piu0993l0dewei2", "img3"], "images": rng.random((2, 8, 8, 3)),
+            "masks": rng.integers(0, 2, (2, 8, 8)), "prior": rng.random((2, 8, 8)), "delta": rng.random((2, 8, 8)),
+            "weights": rng.random((2, 8, 8)), "timestep": 500}
+    figures.law_weight_figure(maps, ["background", "polyp"], tmp_path / "law.png")
+    assert (tmp_path / "law.png").stat().st_size > 0
+    assert titles == ["cju0qkwl35piu…", "img3"]
