@@ -82,7 +82,8 @@ def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Ite
     synthetic_dirs = [Path(d) for d in synthetic_dirs]
     checkpoint_dir = claim_checkpoint_dir(
         checkpoint_dir if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".ckpt"),
-        {"trainer": "segmenter", "cfg": science("segmenter", cfg), "seed": seed, "precision": precision, "include_real": include_real,
+        {"trainer": "segmenter", "cfg": science("segmenter", cfg), "seed": seed, "precision": precision,
+         "include_real": include_real,
          "inputs": inputs_fingerprint([data_dir, init_dir, *synthetic_dirs, *weight_sources(cfg)])})
     protocol = protocol_of(cfg)
     if init_dir is not None and protocol != "continue":
