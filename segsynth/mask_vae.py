@@ -36,8 +36,8 @@ from .config import MASK_VAE_DEFAULTS, science
 from .data.canonical import load_split, read_meta
 from .errors import InputDataError
 from .io import atomic_dir, write_json, write_parquet
-from .training import (Checkpointer, claim_checkpoint_dir, default_device, inputs_fingerprint, set_torch_threads,
-                       step_rng, step_torch_generator)
+from .training import (Checkpointer, claim_checkpoint_dir, default_device, inputs_fingerprint, releases_unused_claims,
+                       set_torch_threads, step_rng, step_torch_generator)
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def mask_quality(sampled: np.ndarray, conditions: torch.Tensor, reference: np.nd
     return pd.DataFrame(rows)
 
 
+@releases_unused_claims
 def train_mask_vae(cfg: dict, data_dir, out_dir, seed: int, checkpoint_dir=None, threads: int = 1,
                    stop_after: int | None = None) -> dict:
     """Train p_ω(m | c) on the training masks of ``data_dir`` and save it with its sample-quality table.

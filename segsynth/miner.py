@@ -51,7 +51,7 @@ from .precision import autocast, compute_dtype, configure, grad_scaler
 from .sampling.ddim import DDIMTrajectory
 from .sampling.value import value_terms
 from .training import (Checkpointer, TrainingRecords, claim_checkpoint_dir, default_device, inputs_fingerprint,
-                       set_torch_threads, step_rng)
+                       releases_unused_claims, set_torch_threads, step_rng)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ def miner_objective(generator, value_model, miner, masks, noise_seeds: list[int]
 TERMS = ("objective", "reward", "seg_loss", "kl", "shift", "delta_sigma")
 
 
+@releases_unused_claims
 def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, seed: int, schedule: dict,
                 checkpoint_dir=None, threads: int = 1, stop_after: int | None = None, precision: str = "fp32",
                 cpu_autocast: bool = False) -> dict:

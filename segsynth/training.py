@@ -8,6 +8,7 @@ would have drawn: killed-and-resumed training ends at the same step count with t
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import shutil
@@ -72,7 +73,30 @@ def claim_checkpoint_dir(directory, job: dict) -> Path:
         shutil.rmtree(directory)
     if not job_file.exists():
         write_json(job_file, job)
+    _claims.append(directory)
     return directory
+
+
+_claims: list[Path] = []  # checkpoint directories claimed by the running ``releases_unused_claims`` callee
+
+
+def releases_unused_claims(trainer):
+    """Decorates a trainer: when it fails, the checkpoint directories it claimed that still hold nothing but
+    ``job.json`` are removed, so bad input found after the claim (a corrupt split, a config mismatch) leaves no
+    ``<out>.ckpt`` behind; a directory holding a checkpoint stays for the rerun to resume."""
+    @functools.wraps(trainer)
+    def run(*args, **kwargs):
+        mark = len(_claims)
+        try:
+            return trainer(*args, **kwargs)
+        except BaseException:
+            for directory in _claims[mark:]:
+                if directory.is_dir() and [p.name for p in directory.iterdir()] == ["job.json"]:
+                    shutil.rmtree(directory, ignore_errors=True)
+            raise
+        finally:
+            del _claims[mark:]
+    return run
 
 
 class Checkpointer:

@@ -55,7 +55,7 @@ from .data.canonical import load_split, read_meta
 from .config import science, weight_sources
 from .errors import ConfigError
 from .training import (Checkpointer, TrainingBatches, TrainingRecords, claim_checkpoint_dir, default_device,
-                       inputs_fingerprint, set_torch_threads)
+                       inputs_fingerprint, releases_unused_claims, set_torch_threads)
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,7 @@ def victr_options(cfg: dict) -> dict:
             "lora": {"rank": 16, "alpha": None, "target_modules": list(LORA_TARGETS), **(own.get("lora") or {})}}
 
 
+@releases_unused_claims
 def train_victr(cfg: dict, source_dir, data_dir, out_dir, seed: int, prompt_template: str = "{classes}",
                 checkpoint_dir=None, threads: int = 1, stop_after: int | None = None) -> dict:
     """Train a ViCTr generator: Stage 1 on ``source_dir``'s train split (skipped when ``source_dir`` is None or

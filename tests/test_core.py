@@ -12,7 +12,8 @@ from conftest import REPO
 from segsynth.config import check_references, method_params, validate_config
 from segsynth.errors import ConfigError
 from segsynth.io import atomic_dir, atomic_path, read_json, write_json
-from segsynth.training import Checkpointer, claim_checkpoint_dir, inputs_fingerprint, step_rng, step_torch_generator
+from segsynth.training import (Checkpointer, claim_checkpoint_dir, inputs_fingerprint, releases_unused_claims, step_rng,
+                               step_torch_generator)
 from segsynth.workflow import run_logged
 
 
@@ -88,6 +89,22 @@ def test_a_checkpoint_directory_of_another_job_is_emptied_not_resumed(tmp_path):
     assert not (claim_checkpoint_dir(legacy, job) / "last.pt").exists()
     assert read_json(legacy / "job.json")["seed"] == 0
 
+
+
+def test_a_failed_trainer_leaves_no_empty_claim_but_keeps_its_checkpoints(tmp_path):
+    @releases_unused_claims
+    def trainer(out, checkpoint_steps):
+        ckpt = claim_checkpoint_dir(out, {"seed": 0})
+        for step in range(checkpoint_steps):
+            (ckpt / "last.pt").write_bytes(b"state %d" % step)
+        raise ValueError("bad input found after the claim")
+
+    with pytest.raises(ValueError, match="bad input"):
+        trainer(tmp_path / "early.ckpt", 0)
+    assert not (tmp_path / "early.ckpt").exists()
+    with pytest.raises(ValueError, match="bad input"):
+        trainer(tmp_path / "late.ckpt", 2)
+    assert (tmp_path / "late.ckpt" / "last.pt").read_bytes() == b"state 1"  # the rerun resumes from it
 
 def _default_config():
     return yaml.safe_load((REPO / "config.yaml").read_text())

@@ -232,3 +232,5 @@ def test_a_stage1_dataset_of_other_classes_is_refused(tmp_path):
                     index, {"dataset": "other", "kind": "test", "class_names": ["background", "lesion"]})
     with pytest.raises(ConfigError, match="class_names"):
         victr.train_victr(VICTR, tmp_path / "source", target, tmp_path / "gen", seed=0)
+    # the refusal comes after the checkpoint directory is claimed; it leaves none behind
+    assert not (tmp_path / "gen.ckpt").exists()

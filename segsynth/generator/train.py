@@ -30,12 +30,13 @@ from ..law import SpatialWeighting
 from ..precision import autocast, compute_dtype, configure, grad_scaler
 from ..config import science, weight_sources
 from ..training import (Checkpointer, TrainingBatches, TrainingRecords, claim_checkpoint_dir, default_device,
-                        inputs_fingerprint, set_torch_threads)
+                        inputs_fingerprint, releases_unused_claims, set_torch_threads)
 from .model import load_parts, build_generator
 
 log = logging.getLogger(__name__)
 
 
+@releases_unused_claims
 def train_generator(cfg: dict, data_dir, out_dir, seed: int, prompt_template: str = "{classes}",
                     checkpoint_dir=None, threads: int = 1, stop_after: int | None = None,
                     precision: str = "fp32", cpu_autocast: bool = False) -> dict:

@@ -25,7 +25,8 @@ from ..precision import autocast, compute_dtype, configure
 from ..io import atomic_dir, json_value, read_json, save_array, write_json, write_parquet
 from ..mask_sources import MASK_SOURCES, augment_pairs, augment_seed
 from ..mask_vae import class_presence, cvae_seed
-from ..training import claim_checkpoint_dir, default_device, inputs_fingerprint, set_torch_threads
+from ..training import (claim_checkpoint_dir, default_device, inputs_fingerprint, releases_unused_claims,
+                        set_torch_threads)
 from .base import build_sampler, noise_seed
 from .value import value_terms
 
@@ -41,6 +42,7 @@ def conditioning_sources(n_train: int, budget: float, seed: int) -> np.ndarray:
     return np.concatenate([rng.permutation(n_train) for _ in range(rounds)])[:total]
 
 
+@releases_unused_claims
 def synthesize(generator_dir, data_dir, method: str, params: dict, seed: int, out_dir, value_model_dir=None,
                threads: int = 1, miner_dir=None, checkpoint_dir=None, stop_after: int | None = None,
                precision: str = "fp32", cpu_autocast: bool = False, candidates_dir=None,

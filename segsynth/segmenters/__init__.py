@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import science, weight_sources
 from ..errors import ConfigError, InputDataError
-from ..training import claim_checkpoint_dir, inputs_fingerprint, set_torch_threads
+from ..training import claim_checkpoint_dir, inputs_fingerprint, releases_unused_claims, set_torch_threads
 from .base import (STATS_FILE, Segmenter, SyntheticSet, TorchSegmenter, load_synthetic_set,
                    read_model_meta)
 from .leaf import LEAF
@@ -56,6 +56,7 @@ def real_only_settings(entry: dict) -> dict:
     return {key: value for key, value in entry.items() if key not in PROTOCOL_KEYS}
 
 
+@releases_unused_claims
 def train_segmenter(cfg: dict, data_dir, out_dir, seed: int, synthetic_dirs: Iterable = (),
                     checkpoint_dir=None, threads: int = 1, precision: str = "fp32", init_dir=None,
                     include_real: bool = True) -> None:
