@@ -10,7 +10,8 @@ interleaved over ``--repeats`` rounds (the order rotates each round; the median 
 ``miner_s_per_image``, ``ratio`` (VGD / DDIM), ``miner_ratio`` (Miner / DDIM), ``ddim_value``, ``vgd_value``,
 ``miner_value`` (mean final value score, eq. 2 with λ = 1, of each method's images under f_θ),
 ``ddim_seg_loss``, ``vgd_seg_loss``, ``miner_seg_loss`` (mean ℓ_seg, f_θ's cross-entropy, the Miner paper's
-adversariality), ``<name>_peak_…_mb`` (see Memory below), plus the setup.
+adversariality), ``ddim_adherence``, … (f_θ's Dice in % of each method's images against their masks),
+``<name>_peak_…_mb`` (see Memory below), plus the setup.
 
 ``--levers`` times the naive VGD (paper defaults: full Jacobian, time-travel and guidance on every step) and
 each speed lever (detached Jacobian, guidance on a step window, time-travel on a window, batch size, and
@@ -64,6 +65,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -406,12 +408,21 @@ def run_sampler(params: dict, generator, value_model, masks: torch.Tensor, seeds
 
 
 def mean_terms(value_model, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
-    """Mean final value score (eq. 2, λ = 1, as synthesis records it) and mean ℓ_seg of the images under f_θ."""
+    """Mean final value score (eq. 2, λ = 1, as synthesis records it), mean ℓ_seg of the images under f_θ, and
+    their mask adherence: f_θ's Dice (%) of its arg-max labels against the conditioning masks, the nan-mean over
+    foreground classes per image, then the mean over images (as ``evaluation.score_synthetic`` scores a set)."""
+    from .evaluation import dice_scores
     from .sampling.value import value_terms
 
     with torch.no_grad():
-        terms = value_terms(value_model(images), masks.to(images.device))
-    return {"value": float(terms["value"].mean()), "seg_loss": float(terms["seg_loss"].mean())}
+        logits = value_model(images)
+        terms = value_terms(logits, masks.to(images.device))
+    dice = dice_scores(logits.argmax(1).cpu().numpy().astype(np.uint8), masks.cpu().numpy(), logits.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an image without foreground has a NaN mean
+        adherence = 100 * float(np.nanmean(np.nanmean(dice, axis=1)))
+    return {"value": float(terms["value"].mean()), "seg_loss": float(terms["seg_loss"].mean()),
+            "adherence": adherence}
 
 
 def time_samplers(variants: dict[str, tuple[dict, int]], generator, value_model, masks, seeds,
@@ -423,8 +434,8 @@ def time_samplers(variants: dict[str, tuple[dict, int]], generator, value_model,
     steps on one batch comes first, so one-time costs (CUDA context and kernel loading, oneDNN primitives, the
     first touch of fresh memory) do not land on whichever variant happens to run first.
 
-    Returns name → {"s_per_image": median over rounds, "s_per_image_min", "value", "seg_loss"} (those of the
-    first round; sampling is deterministic given the seeds, so every round draws the same images), plus
+    Returns name → {"s_per_image": median over rounds, "s_per_image_min", "value", "seg_loss", "adherence"}
+    (those of the first round; sampling is deterministic given the seeds, so every round draws the same images), plus
     "peak_mb", the largest peak of its rounds, when ``memory`` measures it."""
     names = list(variants)
     if warmup_steps > 0:
@@ -589,6 +600,8 @@ def sampling(args) -> int:
                 line[f"{name}_value"] = round(r["value"], 4)
             for name, r in result.items():
                 line[f"{name}_seg_loss"] = round(r["seg_loss"], 4)
+            for name, r in result.items():
+                line[f"{name}_adherence"] = round(r["adherence"], 2)
             for name, r in result.items():
                 line[f"{name}_{memory.key}"] = round(r["peak_mb"], 1)
             line.update(setup)

@@ -257,7 +257,8 @@ def test_bench_prints_one_json_line_per_run(models, repo_root, capsys):
     (line,) = capsys.readouterr().out.strip().splitlines()
     result = json.loads(line)
     assert {"ddim_s_per_image", "vgd_s_per_image", "miner_s_per_image", "ratio", "miner_ratio", "ddim_value",
-            "vgd_value", "ddim_seg_loss", "miner_seg_loss"} <= set(result)
+            "vgd_value", "ddim_seg_loss", "miner_seg_loss", "ddim_adherence", "vgd_adherence"} <= set(result)
+    assert all(0.0 <= result[f"{name}_adherence"] <= 100.0 for name in ("ddim", "vgd", "miner"))
     assert result["ratio"] > 0 and result["miner_ratio"] > 0 and result["steps"] == 2 and result["n_images"] == 3
     assert main(common + ["--levers", "--only", "detached"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
@@ -266,6 +267,23 @@ def test_bench_prints_one_json_line_per_run(models, repo_root, capsys):
                <= set(r) for r in rows)
     missing = ["sampling", "--config", str(repo_root / "config.yaml"), "--generator", str(root / "nope")]
     assert main(missing) == 2 and "make demo" in capsys.readouterr().err
+
+
+def test_bench_adherence_is_the_value_models_dice_against_the_masks():
+    from segsynth.bench import mean_terms
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[0, 2:6, 2:6] = 1
+    masks[1, :, 4:] = 2
+    images = torch.zeros(2, 1, 8, 8)
+
+    def model_predicting(labels):
+        return lambda x: 10.0 * torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+
+    assert mean_terms(model_predicting(masks), images, masks)["adherence"] == pytest.approx(100.0)
+    half = masks.clone()
+    half[0] = 0          # image 0 misses its class-1 square: Dice 0; image 1 is right: Dice 1
+    assert mean_terms(model_predicting(half), images, masks)["adherence"] == pytest.approx(50.0)
 
 
 def test_bench_levers_name_valid_vgd_settings():
