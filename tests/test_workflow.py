@@ -210,7 +210,7 @@ def test_mask_sources_and_the_continue_protocol_run_end_to_end(tmp_path):
 
 
 #: presets layered over another preset, not over config.yaml alone (tested with their base below)
-LAYERED_PRESETS = {REPO / "presets" / "law_kvasir.yaml",
+LAYERED_PRESETS = {REPO / "presets" / "law_kvasir.yaml", REPO / "presets" / "victr_kvasir.yaml",
                    REPO / "presets" / "papers_gpu.yaml"}  # over paper.yaml: tests/test_plan.py dry-runs it
 #: presets whose run narrows the product (run.generator_methods), tested on their own (tests/test_papers.py)
 NARROWED_PRESETS = {REPO / "presets" / "papers_cpu.yaml"}
@@ -367,6 +367,28 @@ def test_law_on_kvasir_fine_tunes_each_weighting_from_the_kvasir_generator_the_d
     assert "output: results/kvasir/generators/tiny" in result.stdout
     assert re.search(r"input: results/kvasir/data, results/kvasir/generators/tiny\n\s+output: "
                      r"results/kvasir/generators/law-law", result.stdout)
+
+
+def test_victr_on_kvasir_pretrains_on_the_other_kvasir_images_and_samples_only_the_tables_rows(tmp_path):
+    """presets/victr_kvasir.yaml over presets/kvasir.yaml: ViCTr's Stage 1 reads the kvasir_stage1 dataset (the
+    700 training ids the Kvasir preset leaves out, a list shipped beside the preset), and the product is
+    narrowed to the victr tables' rows."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    result = snakemake("-n", "--configfile", "config.yaml", str(REPO / "presets" / "kvasir.yaml"),
+                       str(REPO / "presets" / "victr_kvasir.yaml"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    assert counts["train_generator"] == 2 and counts["splits"] == 2 and counts["victr_tables"] == 1
+    assert counts["synthesize"] == 3 * (2 + 4)  # tiny: rd, rd_4; victr: rd, rd_1, rd_2, rd_4
+    assert re.search(r"input: results/kvasir/data, results/kvasir_stage1/data\n\s+output: "
+                     r"results/kvasir/generators/victr", result.stdout)
+    stage1 = {line.strip() for line in (REPO / "presets" / "kvasir_seg_stage1_ids.txt").read_text().splitlines()}
+    preset = yaml.safe_load((REPO / "presets" / "kvasir.yaml").read_text())["datasets"]["kvasir"]
+    assert len(stage1) == 700
+    train_list = REPO / preset["split_files"]["train"]
+    if train_list.is_file():  # the shared copy beside the project: its train ids but the preset's first 100
+        listed = set(train_list.read_text().split())
+        assert stage1 == listed - set(sorted(listed)[:preset["limit"]])
 
 
 def test_the_leaf_preset_trains_only_real_only_models_for_its_tables(tmp_path):
