@@ -435,8 +435,8 @@ def time_samplers(variants: dict[str, tuple[dict, int]], generator, value_model,
     first touch of fresh memory) do not land on whichever variant happens to run first.
 
     Returns name → {"s_per_image": median over rounds, "s_per_image_min", "value", "seg_loss", "adherence"}
-    (those of the first round; sampling is deterministic given the seeds, so every round draws the same images), plus
-    "peak_mb", the largest peak of its rounds, when ``memory`` measures it."""
+    (those of the first round; sampling is deterministic given the seeds, so every round draws the same
+    images), plus "peak_mb", the largest peak of its rounds, when ``memory`` measures it."""
     names = list(variants)
     if warmup_steps > 0:
         first = next((name for name in names if variants[name][0]["sampler"] == "ddim"), names[0])

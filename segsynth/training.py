@@ -73,11 +73,12 @@ def claim_checkpoint_dir(directory, job: dict) -> Path:
         shutil.rmtree(directory)
     if not job_file.exists():
         write_json(job_file, job)
-    _claims.append(directory)
+    if _claims:  # inside a ``releases_unused_claims`` call: the innermost one releases it if it fails
+        _claims[-1].append(directory)
     return directory
 
 
-_claims: list[Path] = []  # checkpoint directories claimed by the running ``releases_unused_claims`` callee
+_claims: list[list[Path]] = []  # per running ``releases_unused_claims`` call, the directories it claimed
 
 
 def releases_unused_claims(trainer):
@@ -86,16 +87,16 @@ def releases_unused_claims(trainer):
     ``<out>.ckpt`` behind; a directory holding a checkpoint stays for the rerun to resume."""
     @functools.wraps(trainer)
     def run(*args, **kwargs):
-        mark = len(_claims)
+        _claims.append([])
         try:
             return trainer(*args, **kwargs)
         except BaseException:
-            for directory in _claims[mark:]:
+            for directory in _claims[-1]:
                 if directory.is_dir() and [p.name for p in directory.iterdir()] == ["job.json"]:
                     shutil.rmtree(directory, ignore_errors=True)
             raise
         finally:
-            del _claims[mark:]
+            _claims.pop()
     return run
 
 
