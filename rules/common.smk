@@ -6,7 +6,8 @@ from pathlib import Path
 from segsynth.config import (budget_methods, budget_name, budget_seeds, budget_sources, candidate_source,
                              canonical, check_references, dataset_sources, for_dataset, method_params,
                              miner_schedule, own_budget, round_methods, round_name, round_previous, science,
-                             subset_name, synthesizes, trains_on, used_methods, victr_source, weight_sources)
+                             subset_name, synthesizes, trains_on, used_methods, victr_stage1, victr_stage1_generator,
+                             victr_stage1_settings, weight_sources)
 from segsynth.papers import (PAPERS, PAPER_ITEMS, VGD_TABLE1_ROWS, VGD_TABLE3_ROWS, VGD_FIG7_ROWS,
                              MINER_BACKBONE_ROWS, item_outputs)
 from segsynth.provenance import code_version
@@ -51,6 +52,7 @@ wildcard_constraints:
     segmenter=NAME,
     method=NAME,
     seed=r"\d+",
+    key=r"[0-9a-f]{12}",
 
 
 def code(script):
@@ -68,6 +70,11 @@ def torch_env():
 def generator_entry(dataset, generator):
     """A generator's entry as ``dataset``'s jobs see it (its ``overrides`` merged in)."""
     return for_dataset(config, dataset)["generators"][generator]
+
+
+def victr_stage1_entry(wildcards):
+    """The entry of the (first) ViCTr generator whose Stage 1 is this job's."""
+    return generator_entry(wildcards.dataset, victr_stage1_generator(config, wildcards.dataset, wildcards.key))
 
 
 def real_only_params(wildcards):
@@ -410,9 +417,11 @@ def benchmark_files():
     datasets = RUN["datasets"]
     files = {f"benchmarks/{d}/splits.tsv" for d in datasets}
     files |= {f"benchmarks/{d}/generators/{g}.tsv" for d in datasets for g in RUN["generators"]}
-    # a ViCTr generator's Stage-1 dataset is split for it alone
-    sources = {(config["generators"][g].get("victr") or {}).get("source") for g in RUN["generators"]} - {None}
-    files |= {f"benchmarks/{source}/splits.tsv" for source in sources}
+    # a ViCTr generator's Stage 1, and its dataset, split for it alone
+    stage1 = {path for d in datasets for g in RUN["generators"] for path in victr_stage1(config, d, g)}
+    files |= {str(Path("benchmarks", *Path(path).parts[1:]).with_suffix(".tsv")) for path in stage1}
+    sources = {(generator_entry(d, g).get("victr") or {}).get("source") for d in datasets for g in RUN["generators"]}
+    files |= {f"benchmarks/{source}/splits.tsv" for source in sources - {None}}
     segmenters = set(RUN["segmenters"]) | {RUN["value_segmenter"]} | ({RUN.get("adherence_judge")} - {None})
     files |= {f"benchmarks/{d}/segmenters/{s}/real.tsv" for d in datasets for s in segmenters}
     files |= {f"benchmarks/{d}/eval/{s}/real.tsv" for d in datasets for s in RUN["segmenters"]}

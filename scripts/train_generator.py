@@ -6,12 +6,12 @@ from segsynth.workflow import run_logged
 # params.generator without runtime keys, as this dataset sees it (its overrides merged in)
 cfg = for_dataset(snakemake.config, snakemake.wildcards.dataset)["generators"][snakemake.wildcards.generator]
 if "victr" in cfg:
-    source = snakemake.input.source
+    stage1 = snakemake.input.stage1
     run_logged(
         snakemake,
         train_victr,
         cfg=cfg,
-        source_dir=source[0] if len(source) else None,
+        stage1=stage1[0] if len(stage1) else None,
         data_dir=snakemake.input.data,
         out_dir=snakemake.output[0],
         seed=snakemake.params.seed,

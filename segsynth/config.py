@@ -490,10 +490,76 @@ def generator_init_path(value: str) -> Path:
     return shipped if "/" not in value and shipped.is_dir() else Path(value).expanduser()
 
 
-def victr_source(entry: dict) -> list[str]:
-    """A ViCTr generator's Stage-1 dataset splits (the train_generator job's extra input), or nothing."""
-    source = (entry.get("victr") or {}).get("source")
-    return [f"results/{source}/data"] if source else []
+#: ViCTr's Stage-2 loss terms and their default weights (the paper gives no values; 0 switches a term off)
+VICTR_STAGE2_LOSSES = {"diffusion": 1.0, "spatial": 0.1, "temporal": 0.1, "l2": 0.1, "ssim": 0.1, "ewc": 1.0}
+VICTR_STAGE1_LOSSES = {"diffusion": 1.0, "l2": 0.1, "ssim": 0.1}
+#: the layers ViCTr's LoRA adapts by default: attention projections and the ResNet convolutions
+VICTR_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+#: the `training` keys of a ViCTr entry that only Stage 2 reads (Stage 1's own default to them, see victr_options)
+VICTR_STAGE2_TRAINING_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
+
+
+def victr_options(cfg: dict) -> dict:
+    """A victr generator's settings (segsynth.victr), defaults filled in: Stage 2 is the entry's ``training``
+    (steps, batch size, lr, warm-up, clipping, prompt dropout, hflip, checkpointing: what every generator's
+    training has), ViCTr's own keys come from ``victr`` (Stage 1's steps/batch/lr default to Stage 2's)."""
+    train, own = cfg["training"], cfg["victr"]
+    stage1 = {"batch_size": train.get("batch_size"), "lr": train.get("lr"), "warmup_steps": 0,
+              "grad_clip": train.get("grad_clip", 1.0), **(own.get("stage1") or {})}
+    stage1["losses"] = {**VICTR_STAGE1_LOSSES, **(stage1.get("losses") or {})}
+    return {"tweedie": own.get("tweedie", True), "temporal_gap": own.get("temporal_gap", 0.1),
+            "fisher_batches": own.get("fisher_batches", 8), "prompt_dropout": train.get("prompt_dropout", 0.0),
+            "mask_dropout": train.get("mask_dropout", 0.0),
+            "hflip": train.get("hflip", True), "checkpoint_every": train.get("checkpoint_every", 50),
+            "train_unet": train.get("train_unet", True), "stage1": stage1, "stage2": dict(train),
+            "losses": {**VICTR_STAGE2_LOSSES, **(own.get("losses") or {})},
+            "lora": {"rank": 16, "alpha": None, "target_modules": list(VICTR_LORA_TARGETS), **(own.get("lora") or {})}}
+
+
+def victr_stage1_settings(entry: dict) -> dict | None:
+    """What decides a ViCTr generator's Stage 1 (its weights and Fisher), or None when it has none (no
+    ``victr.source`` or 0 steps): the entry without its runtime keys and without what only Stage 2 reads (the
+    training loop's sizes, the Stage-2 losses, the LoRA rank and α), every option Stage 1 reads resolved to its
+    value. Generators that agree on it share one Stage-1 job (``train_victr_stage1``): the ablation's rows differ
+    only in Stage 2. A key not known to be Stage 2's stays in, so an unknown setting splits jobs, never merges
+    them. It is itself a generator entry whose settings are itself."""
+    own = entry.get("victr")
+    if not own or not own.get("source"):
+        return None
+    opts = victr_options(entry)
+    if not opts["stage1"].get("steps"):
+        return None
+    settings = science("generator", entry)
+    training = {k: v for k, v in settings["training"].items() if k not in VICTR_STAGE2_TRAINING_KEYS}
+    training.update({k: opts[k] for k in ("prompt_dropout", "mask_dropout", "hflip", "train_unet")})
+    victr = {k: v for k, v in settings["victr"].items() if k not in ("losses", "lora")}
+    victr.update({k: opts[k] for k in ("tweedie", "temporal_gap", "fisher_batches", "stage1")},
+                 lora={"target_modules": opts["lora"]["target_modules"]})
+    return canonical({**settings, "training": training, "victr": victr})
+
+
+def victr_stage1(config: dict, dataset: str, generator: str) -> list[str]:
+    """A ViCTr generator's Stage-1 file (the train_generator job's extra input; ``train_victr_stage1``'s
+    output), or nothing: ``results/{dataset}/victr_stage1/{key}.pt``, its key a hash of everything that decides
+    it, so the generators of a run that share their Stage 1 share the file."""
+    import hashlib
+    import json
+
+    settings = victr_stage1_settings(for_dataset(config, dataset)["generators"][generator])
+    if settings is None:
+        return []
+    text = json.dumps({"settings": settings, "seed": config["seeds"]["generator"],
+                       "prompt_template": config["datasets"][dataset].get("prompt_template", "{classes}")},
+                      sort_keys=True)
+    return [f"results/{dataset}/victr_stage1/{hashlib.sha256(text.encode()).hexdigest()[:12]}.pt"]
+
+
+def victr_stage1_generator(config: dict, dataset: str, key: str) -> str:
+    """The first generator (in config order) whose Stage-1 file is ``key``'s: the entry its job reads."""
+    for generator in config["generators"]:
+        if victr_stage1(config, dataset, generator) == [f"results/{dataset}/victr_stage1/{key}.pt"]:
+            return generator
+    raise ConfigError("generators", f"no ViCTr generator of dataset {dataset!r} has the Stage 1 {key!r}")
 
 
 def weight_sources(entry: dict) -> list[str]:

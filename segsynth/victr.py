@@ -20,9 +20,10 @@ at σ = 1 the corrected network predicts −x0 itself. Said plainly: at the opti
 the same ODE, as ε-, v- and x0-prediction do; what the correction changes is what the network learns to output
 (it shifts the target by the Tweedie term), which is the paper's claim to test (Table 4, with/without).
 
-Two-stage training (§3.3). Stage 1 trains the generator's trainable networks on the source dataset with the
-flow loss plus the pixel L2 and SSIM (MONAI) terms on the Tweedie estimate; then the diagonal empirical Fisher
-of the Stage-1 loss is estimated at the Stage-1 weights (``estimate_fisher``). Stage 2 freezes them, puts LoRA
+Two-stage training (§3.3). Stage 1 (``train_victr_stage1``, a job of its own shared by every generator with the
+same ``victr_stage1_settings``) trains the generator's trainable networks on the source dataset with the flow
+loss plus the pixel L2 and SSIM (MONAI) terms on the Tweedie estimate; then the diagonal empirical Fisher of
+the Stage-1 loss is estimated at the Stage-1 weights (``estimate_fisher``). Stage 2 freezes them, puts LoRA
 adapters (peft) into the layers Stage 1 trained (``lora.target_modules`` of those networks) and trains only the
 adapters on the target dataset with: the flow loss; the spatial consistency loss between the adapted and the
 frozen base model's estimates of x0; the temporal consistency loss between the adapted model's estimates at σ
@@ -52,18 +53,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data.canonical import load_split, read_meta
-from .config import science, weight_sources
-from .errors import ConfigError
+from .config import science, victr_options, victr_stage1_settings, weight_sources
+from .errors import ConfigError, InputDataError
+from .io import atomic_path, json_value
 from .training import (Checkpointer, TrainingBatches, TrainingRecords, claim_checkpoint_dir, default_device,
                        inputs_fingerprint, releases_unused_claims, set_torch_threads)
 
 log = logging.getLogger(__name__)
 
-#: Stage 2's loss terms and their default weights (the paper gives no values; 0 switches a term off)
-STAGE2_LOSSES = {"diffusion": 1.0, "spatial": 0.1, "temporal": 0.1, "l2": 0.1, "ssim": 0.1, "ewc": 1.0}
-STAGE1_LOSSES = {"diffusion": 1.0, "l2": 0.1, "ssim": 0.1}
-#: the layers LoRA adapts by default: attention projections and the ResNet convolutions
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 NUM_TRAIN_TIMESTEPS = 1000  # the network's time input is σ·1000, diffusers' flow-matching convention
 
 
@@ -284,44 +281,9 @@ def _stage_modules(generator, pretrained: bool, train_unet: bool) -> dict[str, t
     return modules
 
 
-def victr_options(cfg: dict) -> dict:
-    """A victr generator's settings, defaults filled in: Stage 2 is the entry's ``training`` (steps, batch size,
-    lr, warm-up, clipping, prompt dropout, hflip, checkpointing: what every generator's training has), ViCTr's
-    own keys come from ``victr`` (Stage 1's steps/batch/lr default to Stage 2's)."""
-    train, own = cfg["training"], cfg["victr"]
-    stage1 = {"batch_size": train["batch_size"], "lr": train["lr"], "warmup_steps": 0,
-              "grad_clip": train.get("grad_clip", 1.0), **(own.get("stage1") or {})}
-    stage1["losses"] = {**STAGE1_LOSSES, **(stage1.get("losses") or {})}
-    return {"tweedie": own.get("tweedie", True), "temporal_gap": own.get("temporal_gap", 0.1),
-            "fisher_batches": own.get("fisher_batches", 8), "prompt_dropout": train.get("prompt_dropout", 0.0),
-            "mask_dropout": train.get("mask_dropout", 0.0),
-            "hflip": train.get("hflip", True), "checkpoint_every": train.get("checkpoint_every", 50),
-            "train_unet": train.get("train_unet", True), "stage1": stage1, "stage2": dict(train),
-            "losses": {**STAGE2_LOSSES, **(own.get("losses") or {})},
-            "lora": {"rank": 16, "alpha": None, "target_modules": list(LORA_TARGETS), **(own.get("lora") or {})}}
-
-
-@releases_unused_claims
-def train_victr(cfg: dict, source_dir, data_dir, out_dir, seed: int, prompt_template: str = "{classes}",
-                checkpoint_dir=None, threads: int = 1, stop_after: int | None = None) -> dict:
-    """Train a ViCTr generator: Stage 1 on ``source_dir``'s train split (skipped when ``source_dir`` is None or
-    Stage 1 has 0 steps: Stage 2 then adapts the initial weights, without an EWC anchor: the "without Stage 1"
-    ablation), the Fisher at its end, Stage 2 (LoRA + EWC) on ``data_dir``'s; save the merged generator to
-    ``out_dir``.
-
-    Both stages checkpoint every ``checkpoint_every`` steps into ``checkpoint_dir`` (Stage 1's end, with its
-    Fisher, as ``stage1.pt``); batches and noise come from (seed, stage, step), so a killed run resumes to the
-    same weights. ``stop_after`` (steps over both stages) simulates a kill for the tests.
-    """
-    from .generator.model import build_generator
-    from .io import atomic_path
-
-    set_torch_threads(threads)
-    opts = victr_options(cfg)
-    checkpoint_dir = claim_checkpoint_dir(
-        checkpoint_dir or f"{out_dir}.ckpt",
-        {"trainer": "victr", "cfg": science("generator", cfg), "seed": seed, "prompt_template": prompt_template,
-         "inputs": inputs_fingerprint([source_dir, data_dir, *weight_sources(cfg)])})
+def _target_meta(cfg: dict, source_dir, data_dir) -> dict:
+    """The target dataset's meta (the network is built for its classes, channels and resolution); Stage 1's
+    source, when given, must have the same ones."""
     meta = read_meta(data_dir)
     if source_dir is not None:
         source_meta = read_meta(source_dir)
@@ -330,43 +292,117 @@ def train_victr(cfg: dict, source_dir, data_dir, out_dir, seed: int, prompt_temp
                 raise ConfigError("generators.*.victr.source", f"Stage 1's dataset {source_dir} has {key} "
                                   f"{source_meta[key]!r}, the target {data_dir} {meta[key]!r}: one network cannot "
                                   "serve both")
-    device = default_device()
+    return {key: meta[key] for key in ("class_names", "channels", "resolution")}
+
+
+def _build_flow_generator(cfg: dict, meta: dict, seed: int, prompt_template: str, tweedie: bool, device):
+    from .generator.model import build_generator
+
     generator = build_generator(cfg, meta["class_names"], meta["channels"], meta["resolution"], seed,
                                 prompt_template).to(device)
-    generator.meta["flow"] = {"kind": "rectified", "tweedie": bool(opts["tweedie"])}
+    generator.meta["flow"] = {"kind": "rectified", "tweedie": bool(tweedie)}
+    return generator
+
+
+@releases_unused_claims
+def train_victr_stage1(cfg: dict, source_dir, data_dir, out_path, seed: int, prompt_template: str = "{classes}",
+                       checkpoint_dir=None, threads: int = 1, stop_after: int | None = None) -> dict:
+    """ViCTr's Stage 1 of the generator entry ``cfg`` (only its ``victr_stage1_settings`` are read): the
+    generator's trainable networks trained on ``source_dir``'s train split, then the diagonal Fisher of the
+    Stage-1 loss at the result. Saved to the file ``out_path`` (weights, the EWC anchor and Fisher, stats and the
+    settings), from which every generator with these settings starts its Stage 2 (``train_victr``). The network
+    is built for ``data_dir``'s (the target's) classes, channels and resolution, which the source must share.
+
+    Checkpoints every ``checkpoint_every`` steps into ``checkpoint_dir`` (``<out_path>.ckpt``); batches and noise
+    come from (seed, step), so a killed run resumes to the same weights. ``stop_after`` simulates a kill.
+    """
+    settings = victr_stage1_settings(cfg)
+    if settings is None:
+        raise ConfigError("generators.*.victr", "this generator has no Stage 1 (no victr.source, or "
+                          "victr.stage1.steps is 0)")
+    set_torch_threads(threads)
+    opts = {**victr_options(settings), "checkpoint_every": victr_options(cfg)["checkpoint_every"]}
+    checkpoint_dir = claim_checkpoint_dir(
+        checkpoint_dir or f"{out_path}.ckpt",
+        {"trainer": "victr_stage1", "settings": settings, "seed": seed, "prompt_template": prompt_template,
+         "inputs": inputs_fingerprint([source_dir, data_dir, *weight_sources(cfg)])})
+    meta = _target_meta(settings, source_dir, data_dir)
+    device = default_device()
+    generator = _build_flow_generator(settings, meta, seed, prompt_template, opts["tweedie"], device)
+    modules = _stage_modules(generator, bool(settings.get("pretrained")), opts["train_unet"])
+    trainable = list(modules.values()) + ([generator.prompt_embedding]
+                                          if generator.prompt_embedding is not None else [])
+    generator.requires_grad_(False)
+    for m in trainable:
+        m.requires_grad_(True)
+    params = [p for m in trainable for p in m.parameters()]
+    began = time.time()
+    stage1 = opts["stage1"]
+    result = _run_stage("stage1", generator, params, TrainingBatches(load_split(source_dir, "train"), opts["hflip"],
+                                                                      source_dir),
+                        stage1, stage1["losses"], opts, seed, device, checkpoint_dir / "stage1", _ssim_loss(),
+                        stop_after=stop_after)
+    if result.get("stopped"):
+        return result
+    fisher_params = {f"{prefix}.{n}": p for prefix, m in modules.items() for n, p in m.named_parameters()
+                     if _is_lora_target(n, opts["lora"]["target_modules"])}
+    fisher = estimate_fisher(fisher_params, _fisher_losses(
+        generator, TrainingBatches(load_split(source_dir, "train"), False, source_dir), opts, seed, device,
+        stage1["batch_size"]))
+    ewc = ElasticWeightConsolidation({k: p.detach() for k, p in fisher_params.items()}, fisher)
+    stats = {**result, "fisher_mean": float(torch.cat([f.flatten() for f in fisher.values()]).mean()),
+             "seconds": round(time.time() - began, 2), "source": str(source_dir)}
+    generator.to("cpu")
+    with atomic_path(out_path) as tmp:
+        torch.save({"generator": generator.state_dict(), "ewc": ewc.state_dict(), "stats": stats,
+                    "settings": settings, "seed": seed, "prompt_template": prompt_template, "target": meta}, tmp)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return stats
+
+
+def _load_stage1(path, cfg: dict, meta: dict, seed: int, prompt_template: str) -> dict:
+    """The Stage-1 file ``path``, checked to be this generator's Stage 1 on this target."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    expected = {"settings": victr_stage1_settings(cfg), "seed": seed, "prompt_template": prompt_template,
+                "target": meta}
+    for key, value in expected.items():
+        if json_value(state.get(key)) != json_value(value):
+            raise InputDataError(path, f"is another Stage 1 than this generator's: its {key} differs "
+                                 f"({state.get(key)!r} against {value!r})")
+    return state
+
+
+@releases_unused_claims
+def train_victr(cfg: dict, stage1, data_dir, out_dir, seed: int, prompt_template: str = "{classes}",
+                checkpoint_dir=None, threads: int = 1, stop_after: int | None = None) -> dict:
+    """Train a ViCTr generator's Stage 2 (LoRA + EWC) on ``data_dir``'s train split, from ``stage1``, the file
+    ``train_victr_stage1`` wrote for this entry (None when the entry has no Stage 1: Stage 2 then adapts the
+    initial weights, without an EWC anchor, the "without Stage 1" ablation); save the merged generator to
+    ``out_dir``.
+
+    Checkpoints every ``checkpoint_every`` steps into ``checkpoint_dir``; batches and noise come from (seed,
+    step), so a killed run resumes to the same weights. ``stop_after`` (Stage-2 steps) simulates a kill.
+    """
+    set_torch_threads(threads)
+    opts = victr_options(cfg)
+    if (stage1 is None) != (victr_stage1_settings(cfg) is None):
+        raise ConfigError("generators.*.victr", "this generator has a Stage 1 (victr.source and stage1.steps) and "
+                          "none was given" if stage1 is None else f"this generator has no Stage 1, {stage1} was given")
+    checkpoint_dir = claim_checkpoint_dir(
+        checkpoint_dir or f"{out_dir}.ckpt",
+        {"trainer": "victr", "cfg": science("generator", cfg), "seed": seed, "prompt_template": prompt_template,
+         "inputs": inputs_fingerprint([stage1, data_dir, *weight_sources(cfg)])})
+    meta = _target_meta(cfg, None, data_dir)
+    device = default_device()
+    generator = _build_flow_generator(cfg, meta, seed, prompt_template, opts["tweedie"], device)
     modules = _stage_modules(generator, bool(cfg.get("pretrained")), opts["train_unet"])
     ssim = _ssim_loss()
-    began, stats = time.time(), {}
-
-    stage1 = opts["stage1"]
-    stage1_path = checkpoint_dir / "stage1.pt"
-    done_steps = 0
-    if source_dir is not None and stage1.get("steps", 0) > 0:
-        if not stage1_path.exists():
-            trainable = list(modules.values()) + ([generator.prompt_embedding]
-                                                  if generator.prompt_embedding is not None else [])
-            generator.requires_grad_(False)
-            for m in trainable:
-                m.requires_grad_(True)
-            params = [p for m in trainable for p in m.parameters()]
-            result = _run_stage("stage1", generator, params, TrainingBatches(load_split(source_dir, "train"), opts["hflip"], source_dir), stage1,
-                                stage1["losses"], opts, seed, device, checkpoint_dir / "stage1", ssim,
-                                stop_after=stop_after)
-            if result.get("stopped"):
-                return result
-            fisher_params = {f"{prefix}.{n}": p for prefix, m in modules.items() for n, p in m.named_parameters()
-                             if _is_lora_target(n, opts["lora"]["target_modules"])}
-            fisher = estimate_fisher(fisher_params, _fisher_losses(generator, TrainingBatches(load_split(source_dir, "train"), False, source_dir), opts,
-                                                                  seed, device, stage1["batch_size"]))
-            ewc = ElasticWeightConsolidation({k: p.detach() for k, p in fisher_params.items()}, fisher)
-            summary = {**result, "fisher_mean": float(torch.cat([f.flatten() for f in fisher.values()]).mean())}
-            with atomic_path(stage1_path) as tmp:
-                torch.save({"generator": generator.state_dict(), "ewc": ewc.state_dict(), "stats": summary}, tmp)
-            shutil.rmtree(checkpoint_dir / "stage1", ignore_errors=True)
-        stage1_state = torch.load(stage1_path, map_location="cpu", weights_only=False)
-        generator.load_state_dict(stage1_state["generator"])  # a no-op copy unless resuming after Stage 1
+    began, stats, done_steps = time.time(), {}, 0
+    if stage1 is not None:
+        stage1_state = _load_stage1(stage1, cfg, meta, seed, prompt_template)
+        generator.load_state_dict(stage1_state["generator"])
         stats["stage1"] = stage1_state["stats"]
-        done_steps = stage1["steps"]
+        done_steps = stage1_state["stats"]["steps"]
 
     weights = dict(opts["losses"])
     ewc = None
@@ -396,13 +432,13 @@ def train_victr(cfg: dict, source_dir, data_dir, out_dir, seed: int, prompt_temp
     def ewc_params():
         return {f"{prefix}.{n}": w for prefix, m in modules.items() for n, w in effective_weights(m).items()}
 
-    stage2_stop = None if stop_after is None else stop_after - done_steps
     stage2 = opts["stage2"]
-    result = _run_stage("stage2", generator, params, TrainingBatches(load_split(data_dir, "train"), opts["hflip"], data_dir), stage2, weights, opts, seed,
+    batches = TrainingBatches(load_split(data_dir, "train"), opts["hflip"], data_dir)
+    result = _run_stage("stage2", generator, params, batches, stage2, weights, opts, seed,
                         device, checkpoint_dir / "stage2", ssim, base_estimate=base_estimate, ewc=ewc,
-                        ewc_params=ewc_params, stop_after=stage2_stop)
+                        ewc_params=ewc_params, stop_after=stop_after)
     if result.get("stopped"):
-        return {**result, "steps": done_steps + result["steps"]}
+        return result
     stats["stage2"] = {**result, "losses": weights, "ewc_weight": weights.get("ewc", 0.0),
                        "lora_rank": lora["rank"], "lora_parameters": sum(p.numel() for p in params)}
     for module in modules.values():

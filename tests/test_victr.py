@@ -2,6 +2,7 @@
 samplers, EWC, LoRA, two-stage training with resume, few-step sampling."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +12,16 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from conftest import TINY_GENERATOR, make_tiny_dataset
 from segsynth import victr
 from segsynth.data.canonical import load_split
-from segsynth.errors import ConfigError
+from segsynth.config import victr_stage1, victr_stage1_generator, victr_stage1_settings
+from segsynth.errors import ConfigError, InputDataError
 from segsynth.generator import MaskToImageGenerator, build_generator
 from segsynth.sampling.ddim import DDIMSampler
 from segsynth.training import TrainingBatches
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 VICTR = {**copy.deepcopy(TINY_GENERATOR), "conditioning": "concat",  # training: Stage 2, 4 steps, checkpoints every 2
-         "victr": {"tweedie": True, "fisher_batches": 2, "temporal_gap": 0.1, "stage1": {"steps": 3},
+         "victr": {"source": "source", "tweedie": True, "fisher_batches": 2, "temporal_gap": 0.1,
+                   "stage1": {"steps": 3},
                    "lora": {"rank": 4, "target_modules": LORA_TARGETS}}}
 CLASSES = ["background", "ring", "core"]
 
@@ -151,15 +154,34 @@ def _weights(directory):
     return {k: v.clone() for k, v in MaskToImageGenerator.load(directory).state_dict().items()}
 
 
-@pytest.mark.parametrize("kill_at", [2, 5])  # in Stage 1 and in Stage 2 (3 + 2)
-def test_two_stage_training_resumes_after_a_kill_to_the_same_weights(tmp_path, kill_at):
+def _stage1_state(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {**{f"generator.{k}": v for k, v in state["generator"].items()},
+            **{f"ewc.{part}.{k}": v for part in ("anchor", "fisher") for k, v in state["ewc"][part].items()}}
+
+
+@pytest.mark.parametrize("killed", ["stage1", "stage2"])
+def test_two_stage_training_resumes_after_a_kill_to_the_same_weights(tmp_path, killed):
     source = make_tiny_dataset(tmp_path / "source", seed=1)
     target = make_tiny_dataset(tmp_path / "target", seed=0)
-    straight = victr.train_victr(VICTR, source, target, tmp_path / "straight", seed=3)
+    victr.train_victr_stage1(VICTR, source, target, tmp_path / "stage1.pt", seed=3)
+    straight = victr.train_victr(VICTR, tmp_path / "stage1.pt", target, tmp_path / "straight", seed=3)
     assert straight["steps"] == 7 and straight["stage2"]["ewc_weight"] > 0
-    killed = victr.train_victr(VICTR, source, target, tmp_path / "resumed", seed=3, stop_after=kill_at)
-    assert killed["stopped"] and not (tmp_path / "resumed").exists()
-    resumed = victr.train_victr(VICTR, source, target, tmp_path / "resumed", seed=3)
+    stage1 = tmp_path / "stage1.pt"
+    if killed == "stage1":
+        stage1 = tmp_path / "resumed_stage1.pt"
+        stopped = victr.train_victr_stage1(VICTR, source, target, stage1, seed=3, stop_after=2)
+        assert stopped["stopped"] and not stage1.exists()
+        victr.train_victr_stage1(VICTR, source, target, stage1, seed=3)
+        assert not Path(f"{stage1}.ckpt").exists()
+        a, b = _stage1_state(tmp_path / "stage1.pt"), _stage1_state(stage1)
+        assert a.keys() == b.keys()
+        for key in a:  # the weights, the EWC anchor and the Fisher
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    else:
+        stopped = victr.train_victr(VICTR, stage1, target, tmp_path / "resumed", seed=3, stop_after=2)
+        assert stopped["stopped"] and not (tmp_path / "resumed").exists()
+    resumed = victr.train_victr(VICTR, stage1, target, tmp_path / "resumed", seed=3)
     assert not (tmp_path / "resumed.ckpt").exists()
     for stage in ("stage1", "stage2"):  # each stage's loss records survive the kill
         assert resumed[stage]["final_losses"] == straight[stage]["final_losses"], stage
@@ -169,9 +191,67 @@ def test_two_stage_training_resumes_after_a_kill_to_the_same_weights(tmp_path, k
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_stage2_refuses_a_stage1_file_of_other_settings_and_a_missing_one(tmp_path):
+    source = make_tiny_dataset(tmp_path / "source", seed=1)
+    target = make_tiny_dataset(tmp_path / "target", seed=0)
+    victr.train_victr_stage1(VICTR, source, target, tmp_path / "stage1.pt", seed=3)
+    # another LoRA rank and other Stage-2 losses: the same Stage 1
+    shared = victr_cfg(lora={"rank": 2, "target_modules": LORA_TARGETS}, losses={"l2": 0.0})
+    assert victr.train_victr(shared, tmp_path / "stage1.pt", target, tmp_path / "shared", seed=3)["steps"] == 7
+    with pytest.raises(InputDataError, match=r"stage1\.pt.*settings differs"):  # Tweedie changes Stage 1's target
+        victr.train_victr(victr_cfg(tweedie=False), tmp_path / "stage1.pt", target, tmp_path / "other", seed=3)
+    with pytest.raises(InputDataError, match="seed differs"):
+        victr.train_victr(VICTR, tmp_path / "stage1.pt", target, tmp_path / "other", seed=4)
+    with pytest.raises(ConfigError, match="none was given"):
+        victr.train_victr(VICTR, None, target, tmp_path / "other", seed=3)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.ckpt").exists()
+
+
+def _victr_config(**generators):
+    return {"seeds": {"generator": 0}, "datasets": {"d": {}}, "generators": generators}
+
+
+def test_generators_that_differ_only_in_stage2_share_one_stage1_job():
+    def entry(**changes):
+        cfg = victr_cfg()
+        for path, value in changes.items():
+            *parents, key = path.split("__")
+            node = cfg
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[key] = value
+        return cfg
+
+    config = _victr_config(
+        base=VICTR,
+        # Stage 2 only: the same Stage 1
+        rank=entry(victr__lora={"rank": 8, "target_modules": LORA_TARGETS}), nol2=entry(victr__losses={"l2": 0.0}),
+        longer=entry(training__steps=40), explicit=entry(victr__tweedie=True, victr__stage1={"steps": 3, "lr": 1e-3}),
+        runtime=entry(training__checkpoint_every=7),
+        # Stage 1 reads these: each its own
+        notweedie=entry(victr__tweedie=False), stage1_steps=entry(victr__stage1={"steps": 4}),
+        stage1_lr=entry(training__lr=5e-4),  # Stage 1's lr defaults to training's
+        targets=entry(victr__lora={"rank": 4, "target_modules": ["to_q"]}),  # the Fisher's layers
+        dropout=entry(training__prompt_dropout=0.3), source=entry(victr__source="other"),
+        # no Stage 1: no file
+        nosource=entry(victr__source=None), nosteps=entry(victr__stage1={"steps": 0}))
+    files = {g: victr_stage1(config, "d", g) for g in config["generators"]}
+    assert files["nosource"] == files["nosteps"] == []
+    shared = {g for g in files if files[g] == files["base"]}
+    assert shared == {"base", "rank", "nol2", "longer", "explicit", "runtime"}
+    own = ["notweedie", "stage1_steps", "stage1_lr", "targets", "dropout", "source"]
+    assert len({tuple(files[g]) for g in own} | {tuple(files["base"])}) == len(own) + 1
+    key = files["base"][0].split("/")[-1].removesuffix(".pt")
+    assert victr_stage1_generator(config, "d", key) == "base"  # the first in config order
+    # another seed, another file; the settings are a generator entry whose settings are themselves
+    assert victr_stage1({**config, "seeds": {"generator": 1}}, "d", "base") != files["base"]
+    settings = victr_stage1_settings(VICTR)
+    assert victr_stage1_settings(settings) == settings and victr.victr_options(settings)["stage1"]["steps"] == 3
+
+
 def test_the_saved_generator_is_a_plain_flow_generator_that_rd_samples_in_one_to_four_steps(tmp_path):
     target = make_tiny_dataset(tmp_path / "target", seed=0)
-    stats = victr.train_victr(victr_cfg(), None, target, tmp_path / "gen", seed=0)  # no Stage 1: no EWC anchor
+    stats = victr.train_victr(victr_cfg(source=None), None, target, tmp_path / "gen", seed=0)  # no EWC anchor
     assert "stage1" not in stats and stats["stage2"]["ewc_weight"] == 0.0
     gen = MaskToImageGenerator.load(tmp_path / "gen")
     assert gen.meta["flow"] == {"kind": "rectified", "tweedie": True}
@@ -231,6 +311,6 @@ def test_a_stage1_dataset_of_other_classes_is_refused(tmp_path):
     write_canonical(tmp_path / "source", np.zeros((2, 1, 16, 16), np.float32), np.zeros((2, 16, 16), np.uint8),
                     index, {"dataset": "other", "kind": "test", "class_names": ["background", "lesion"]})
     with pytest.raises(ConfigError, match="class_names"):
-        victr.train_victr(VICTR, tmp_path / "source", target, tmp_path / "gen", seed=0)
+        victr.train_victr_stage1(VICTR, tmp_path / "source", target, tmp_path / "stage1.pt", seed=0)
     # the refusal comes after the checkpoint directory is claimed; it leaves none behind
-    assert not (tmp_path / "gen.ckpt").exists()
+    assert not (tmp_path / "stage1.pt.ckpt").exists() and not (tmp_path / "stage1.pt").exists()

@@ -369,6 +369,24 @@ def test_law_on_kvasir_fine_tunes_each_weighting_from_the_kvasir_generator_the_d
                      r"results/kvasir/generators/law-law", result.stdout)
 
 
+def test_the_victr_ablation_trains_one_stage1_per_distinct_stage1_setting(tmp_path):
+    """presets/victr_ablation.yaml: eleven generators, of which only "w/o Tweedie correction" changes Stage 1
+    and "w/o Stage 1" has none, so two Stage-1 jobs serve ten Stage-2 trainings."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    result = snakemake("-n", "--configfile", "config.yaml", str(REPO / "presets" / "victr_ablation.yaml"),
+                       cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    counts = job_counts(result.stdout)
+    assert counts["train_generator"] == 11 and counts["train_victr_stage1"] == 2
+    inputs = {output.removeprefix("results/mni152/generators/"): re.findall(r"victr_stage1/([0-9a-f]{12})\.pt", line)
+              for line, output in re.findall(r"input: (.*)\n\s+output: (\S+)", result.stdout)
+              if output.startswith("results/mni152/generators/victr")}
+    assert len(inputs) == 11 and inputs["victr-nostage1"] == [] and len(inputs["victr"]) == 1
+    shared = {g for g in inputs if inputs[g] == inputs["victr"]}
+    assert shared == set(inputs) - {"victr-notweedie", "victr-nostage1"}
+    assert len(inputs["victr-notweedie"]) == 1 and inputs["victr-notweedie"] != inputs["victr"]
+
+
 def test_victr_on_kvasir_pretrains_on_the_other_kvasir_images_and_samples_only_the_tables_rows(tmp_path):
     """presets/victr_kvasir.yaml over presets/kvasir.yaml: ViCTr's Stage 1 reads the kvasir_stage1 dataset (the
     700 training ids the Kvasir preset leaves out, a list shipped beside the preset), and the product is
@@ -380,7 +398,10 @@ def test_victr_on_kvasir_pretrains_on_the_other_kvasir_images_and_samples_only_t
     counts = job_counts(result.stdout)
     assert counts["train_generator"] == 2 and counts["splits"] == 2 and counts["victr_tables"] == 1
     assert counts["synthesize"] == 3 * (2 + 4)  # tiny: rd, rd_4; victr: rd, rd_1, rd_2, rd_4
-    assert re.search(r"input: results/kvasir/data, results/kvasir_stage1/data\n\s+output: "
+    assert counts["train_victr_stage1"] == 1
+    assert re.search(r"input: results/kvasir_stage1/data, results/kvasir/data\n\s+output: "
+                     r"results/kvasir/victr_stage1/[0-9a-f]{12}\.pt", result.stdout)
+    assert re.search(r"input: results/kvasir/data, results/kvasir/victr_stage1/[0-9a-f]{12}\.pt\n\s+output: "
                      r"results/kvasir/generators/victr", result.stdout)
     stage1 = {line.strip() for line in (REPO / "presets" / "kvasir_seg_stage1_ids.txt").read_text().splitlines()}
     preset = yaml.safe_load((REPO / "presets" / "kvasir.yaml").read_text())["datasets"]["kvasir"]
