@@ -211,6 +211,7 @@ def test_mask_sources_and_the_continue_protocol_run_end_to_end(tmp_path):
 
 #: presets layered over another preset, not over config.yaml alone (tested with their base below)
 LAYERED_PRESETS = {REPO / "presets" / "law_kvasir.yaml", REPO / "presets" / "victr_kvasir.yaml",
+                   REPO / "presets" / "victr_ablation_kvasir.yaml",
                    REPO / "presets" / "papers_gpu.yaml"}  # over paper.yaml: tests/test_plan.py dry-runs it
 #: presets whose run narrows the product (run.generator_methods), tested on their own (tests/test_papers.py)
 NARROWED_PRESETS = {REPO / "presets" / "papers_cpu.yaml"}
@@ -369,18 +370,24 @@ def test_law_on_kvasir_fine_tunes_each_weighting_from_the_kvasir_generator_the_d
                      r"results/kvasir/generators/law-law", result.stdout)
 
 
-def test_the_victr_ablation_trains_one_stage1_per_distinct_stage1_setting(tmp_path):
-    """presets/victr_ablation.yaml: eleven generators, of which only "w/o Tweedie correction" changes Stage 1
-    and "w/o Stage 1" has none, so two Stage-1 jobs serve ten Stage-2 trainings."""
+@pytest.mark.parametrize("dataset", ["mni152", "kvasir"])
+def test_the_victr_ablation_trains_one_stage1_per_distinct_stage1_setting(tmp_path, dataset):
+    """presets/victr_ablation.yaml (and over the Kvasir preset, victr_ablation_kvasir.yaml): eleven generators,
+    of which only "w/o Tweedie correction" changes Stage 1 and "w/o Stage 1" has none, so two Stage-1 jobs serve
+    ten Stage-2 trainings."""
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    result = snakemake("-n", "--configfile", "config.yaml", str(REPO / "presets" / "victr_ablation.yaml"),
+    presets = ["victr_ablation"] if dataset == "mni152" else ["kvasir", "victr_ablation", "victr_ablation_kvasir"]
+    result = snakemake("-n", "--configfile", "config.yaml", *(str(REPO / "presets" / f"{p}.yaml") for p in presets),
                        cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     counts = job_counts(result.stdout)
-    assert counts["train_generator"] == 11 and counts["train_victr_stage1"] == 2
-    inputs = {output.removeprefix("results/mni152/generators/"): re.findall(r"victr_stage1/([0-9a-f]{12})\.pt", line)
+    assert counts["train_generator"] == 11 and counts["train_victr_stage1"] == 2 and counts["splits"] == 2
+    source = "mni152_coronal" if dataset == "mni152" else "kvasir_stage1"
+    assert result.stdout.count(f"input: results/{source}/data, results/{dataset}/data") == 2
+    inputs = {output.removeprefix(f"results/{dataset}/generators/"): re.findall(r"victr_stage1/([0-9a-f]{12})\.pt",
+                                                                                 line)
               for line, output in re.findall(r"input: (.*)\n\s+output: (\S+)", result.stdout)
-              if output.startswith("results/mni152/generators/victr")}
+              if output.startswith(f"results/{dataset}/generators/victr")}
     assert len(inputs) == 11 and inputs["victr-nostage1"] == [] and len(inputs["victr"]) == 1
     shared = {g for g in inputs if inputs[g] == inputs["victr"]}
     assert shared == set(inputs) - {"victr-notweedie", "victr-nostage1"}
