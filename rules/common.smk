@@ -77,6 +77,13 @@ def victr_stage1_entry(wildcards):
     return generator_entry(wildcards.dataset, victr_stage1_generator(config, wildcards.dataset, wildcards.key))
 
 
+def victr_stage1_priority(wildcards):
+    """Above train_generator's 20 by the number of the run's generators that wait for this Stage 1: the one the
+    ablation's nine generators share starts before the Tweedie row's own."""
+    path = f"results/{wildcards.dataset}/victr_stage1/{wildcards.key}.pt"
+    return 20 + sum(victr_stage1(config, wildcards.dataset, g) == [path] for g in RUN["generators"])
+
+
 def real_only_params(wildcards):
     """A segmenter entry's science without its protocol keys: what decides a model trained from scratch on one
     data source (the real-only model, a synthetic-only model)."""

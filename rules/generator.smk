@@ -20,7 +20,7 @@ rule train_victr_stage1:
     conda:
         torch_env()
     threads: 2
-    priority: 20  # as train_generator's: every ViCTr generator of the run waits for it
+    priority: victr_stage1_priority
     resources:
         gpu=1,
     script:

@@ -392,6 +392,10 @@ def test_the_victr_ablation_trains_one_stage1_per_distinct_stage1_setting(tmp_pa
     shared = {g for g in inputs if inputs[g] == inputs["victr"]}
     assert shared == set(inputs) - {"victr-notweedie", "victr-nostage1"}
     assert len(inputs["victr-notweedie"]) == 1 and inputs["victr-notweedie"] != inputs["victr"]
+    # the shared Stage 1 (nine generators wait for it) starts first: priority 20 + its waiting generators
+    priorities = dict(re.findall(r"output: results/\w+/victr_stage1/([0-9a-f]{12})\.pt\n(?:.*\n){0,6}?\s+priority: "
+                                 r"(\d+)", result.stdout))
+    assert priorities == {inputs["victr"][0]: "29", inputs["victr-notweedie"][0]: "21"}
 
 
 def test_victr_on_kvasir_pretrains_on_the_other_kvasir_images_and_samples_only_the_tables_rows(tmp_path):
