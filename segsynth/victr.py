@@ -281,7 +281,7 @@ def _stage_modules(generator, pretrained: bool, train_unet: bool) -> dict[str, t
     return modules
 
 
-def _target_meta(cfg: dict, source_dir, data_dir) -> dict:
+def _target_meta(source_dir, data_dir) -> dict:
     """The target dataset's meta (the network is built for its classes, channels and resolution); Stage 1's
     source, when given, must have the same ones."""
     meta = read_meta(data_dir)
@@ -326,7 +326,7 @@ def train_victr_stage1(cfg: dict, source_dir, data_dir, out_path, seed: int, pro
         checkpoint_dir or f"{out_path}.ckpt",
         {"trainer": "victr_stage1", "settings": settings, "seed": seed, "prompt_template": prompt_template,
          "inputs": inputs_fingerprint([source_dir, data_dir, *weight_sources(cfg)])})
-    meta = _target_meta(settings, source_dir, data_dir)
+    meta = _target_meta(source_dir, data_dir)
     device = default_device()
     generator = _build_flow_generator(settings, meta, seed, prompt_template, opts["tweedie"], device)
     modules = _stage_modules(generator, bool(settings.get("pretrained")), opts["train_unet"])
@@ -338,8 +338,8 @@ def train_victr_stage1(cfg: dict, source_dir, data_dir, out_path, seed: int, pro
     params = [p for m in trainable for p in m.parameters()]
     began = time.time()
     stage1 = opts["stage1"]
-    result = _run_stage("stage1", generator, params, TrainingBatches(load_split(source_dir, "train"), opts["hflip"],
-                                                                      source_dir),
+    source = load_split(source_dir, "train")
+    result = _run_stage("stage1", generator, params, TrainingBatches(source, opts["hflip"], source_dir),
                         stage1, stage1["losses"], opts, seed, device, checkpoint_dir / "stage1", _ssim_loss(),
                         stop_after=stop_after)
     if result.get("stopped"):
@@ -347,7 +347,7 @@ def train_victr_stage1(cfg: dict, source_dir, data_dir, out_path, seed: int, pro
     fisher_params = {f"{prefix}.{n}": p for prefix, m in modules.items() for n, p in m.named_parameters()
                      if _is_lora_target(n, opts["lora"]["target_modules"])}
     fisher = estimate_fisher(fisher_params, _fisher_losses(
-        generator, TrainingBatches(load_split(source_dir, "train"), False, source_dir), opts, seed, device,
+        generator, TrainingBatches(source, False, source_dir), opts, seed, device,
         stage1["batch_size"]))
     ewc = ElasticWeightConsolidation({k: p.detach() for k, p in fisher_params.items()}, fisher)
     stats = {**result, "fisher_mean": float(torch.cat([f.flatten() for f in fisher.values()]).mean()),
@@ -392,7 +392,7 @@ def train_victr(cfg: dict, stage1, data_dir, out_dir, seed: int, prompt_template
         checkpoint_dir or f"{out_dir}.ckpt",
         {"trainer": "victr", "cfg": science("generator", cfg), "seed": seed, "prompt_template": prompt_template,
          "inputs": inputs_fingerprint([stage1, data_dir, *weight_sources(cfg)])})
-    meta = _target_meta(cfg, None, data_dir)
+    meta = _target_meta(None, data_dir)
     device = default_device()
     generator = _build_flow_generator(cfg, meta, seed, prompt_template, opts["tweedie"], device)
     modules = _stage_modules(generator, bool(cfg.get("pretrained")), opts["train_unet"])
