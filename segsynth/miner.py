@@ -174,6 +174,28 @@ def stop_gradient_prefix(traj: DDIMTrajectory, steps: int) -> torch.Tensor:
     return x0 + jacobian * (x_start - x_start.detach())
 
 
+def full_gradient_prefix(traj: DDIMTrajectory, steps: int) -> torch.Tensor:
+    """The first ``steps`` DDIM updates of ``traj`` with the gradient through the denoiser as well (the chain
+    rule of the rollout, ∂ε_φ/∂x_t included), returning the last step's Tweedie x̂0.
+
+    Why an option beside the paper's stop-gradient: that rule's ∂x̂0/∂x_T^r = 1/√ᾱ_{t_0}·I is the gradient of
+    f_θ's loss on the *image* pixels, amplified. In SD's latent space (the paper's backbones) it reaches the
+    seed through the VAE decoder, which only passes what the decoder can render; a pixel-space generator has no
+    decoder, so it is a pixel attack on x̂0, which DDIM mostly denoises away except for the seed's variance. The
+    full Jacobian includes the denoiser's own response (at high noise it predicts most of x_t as noise, so
+    white-noise directions largely cancel), leaving the directions the generator turns into image content."""
+    x = traj.x
+    x0 = None
+    for t in traj.timesteps[:steps]:
+        out = traj.step(traj.noise(x, t), t, x)
+        x, x0 = out.prev_sample, out.pred_original_sample
+    return x0
+
+
+#: how a training rollout's x̂0 reaches the seed (config ``miner.rollout_gradient``)
+ROLLOUT_GRADIENTS = {"stop_gradient": stop_gradient_prefix, "full": full_gradient_prefix}
+
+
 def miner_reward(seg_loss: torch.Tensor, reward: str) -> torch.Tensor:
     """The adversariality the Miner maximises: ``bounded_ce`` = 1 − exp(−ℓ_seg) in [0, 1), the Miner paper
     code's training reward (κ_up is read on it), or ``ce`` = ℓ_seg itself."""
@@ -185,13 +207,17 @@ def miner_reward(seg_loss: torch.Tensor, reward: str) -> torch.Tensor:
 
 
 def miner_objective(generator, value_model, miner, masks, noise_seeds: list[int], schedule: dict,
-                    rollout_steps: int, kappa_up: float, beta: float, reward: str = "bounded_ce") -> dict:
+                    rollout_steps: int, kappa_up: float, beta: float, reward: str = "bounded_ce",
+                    rollout_gradient: str = "stop_gradient") -> dict:
     """One batch of the objective: probe x_T and resample it as the deployed sampler does (``schedule``: the
     miner method's steps, η and guidance scales), run the first ``rollout_steps`` of that schedule with the
-    stop-gradient rule, score f_θ on their x̂0; clipped adversariality and KL, all per sample."""
+    ``rollout_gradient`` rule (:data:`ROLLOUT_GRADIENTS`), score f_θ on their x̂0; clipped adversariality and
+    KL, all per sample."""
+    if rollout_gradient not in ROLLOUT_GRADIENTS:
+        raise ValueError(f"unknown rollout_gradient {rollout_gradient!r} ({' | '.join(ROLLOUT_GRADIENTS)})")
     traj = DDIMTrajectory.from_params(generator, masks, noise_seeds, schedule)
     _, delta_mu, delta_sigma = resample_seed(traj, miner)
-    x0 = stop_gradient_prefix(traj, rollout_steps)
+    x0 = ROLLOUT_GRADIENTS[rollout_gradient](traj, rollout_steps)
     seg_loss = value_terms(value_model(generator.decode(x0).clamp(-1.0, 1.0)), masks)["seg_loss"]
     score = miner_reward(seg_loss, reward)
     kl = gaussian_kl(delta_mu, delta_sigma)
@@ -254,7 +280,7 @@ def train_miner(cfg: dict, data_dir, generator_dir, value_model_dir, out_dir, se
         with autocast(dtype, device):
             terms = miner_objective(generator, value_model, miner, masks, noise_seeds, schedule,
                                     cfg["rollout_steps"], cfg["kappa_up"], cfg["beta"],
-                                    cfg.get("reward", "bounded_ce"))
+                                    cfg.get("reward", "bounded_ce"), cfg.get("rollout_gradient", "stop_gradient"))
         loss = -terms["objective"].float().mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -1,6 +1,7 @@
 """The Adversariality Miner: fresh resampled seeds, the deployed schedule's prefix as training rollout, the KL
 term, training gain, bounded shift, resume."""
 
+import copy
 import math
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from segsynth.generator import MaskToImageGenerator
-from segsynth.miner import (AdversarialityMiner, gaussian_kl, miner_objective, miner_reward, resample_seed,
-                            stop_gradient_prefix, train_miner)
+from segsynth.miner import (AdversarialityMiner, full_gradient_prefix, gaussian_kl, miner_objective, miner_reward,
+                            resample_seed, stop_gradient_prefix, train_miner)
 from segsynth.sampling import build_sampler
 from segsynth.sampling.base import NoiseStream, noise_seed
 from segsynth.sampling.ddim import DDIMTrajectory
@@ -148,6 +149,43 @@ def test_the_temporal_stop_gradient_jacobian_is_the_closed_form_constant(models)
             out = plain.step(plain.noise(plain.x, t), t, plain.x)
             plain.x = out.prev_sample
     assert torch.equal(x0.detach(), out.pred_original_sample)
+
+
+def test_the_full_rollout_gradient_is_the_chain_rule_through_the_denoiser(models):
+    """``rollout_gradient: full``: the same x̂0 as the stop-gradient rule, but its gradient is the rollout's own
+    derivative (checked against central finite differences along random directions), not 1/√ᾱ·I."""
+    # in float64, so that the difference quotient is exact to far below the tolerance
+    gen, masks, seeds = copy.deepcopy(models["gen"]).double(), models["masks"][:2], models["seeds"][:2]
+    x_T = torch.randn(gen.latent_shape(2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def rollout(x, rule):
+        traj = DDIMTrajectory(gen, masks, seeds, 6, 0.0, 1.0, initial_noise=x)
+        traj.cond = traj.cond.double()  # the mask's one-hot is made in float32
+        return rule(traj, 3)
+
+    x = x_T.clone().requires_grad_(True)
+    x0 = rollout(x, full_gradient_prefix)
+    assert torch.equal(x0.detach(), rollout(x_T, stop_gradient_prefix).detach())
+    # x̂0 is clipped to [−1, 1]: weigh only unclipped pixels, so the difference quotient sees no kink
+    weights = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * (
+        x0.detach().abs() < 0.95)
+    (grad,) = torch.autograd.grad((x0 * weights).sum(), x)
+    x = x_T.clone().requires_grad_(True)
+    (stop_grad,) = torch.autograd.grad((rollout(x, stop_gradient_prefix) * weights).sum(), x)
+    assert (grad - stop_grad).norm() > 0.1 * stop_grad.norm()  # the denoiser's response is in it
+    h = 1e-5
+    for k in range(3):
+        v = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(10 + k), dtype=torch.float64)
+        with torch.no_grad():
+            diff = ((rollout(x_T + h * v, full_gradient_prefix) - rollout(x_T - h * v, full_gradient_prefix))
+                    * weights).sum() / (2 * h)
+        assert float((grad * v).sum()) == pytest.approx(float(diff), rel=1e-3)
+
+
+def test_an_unknown_rollout_gradient_is_refused(models):
+    with pytest.raises(ValueError, match="rollout_gradient"):
+        miner_objective(models["gen"], models["f"], AdversarialityMiner(models["gen"].latent_shape(1)[1]),
+                        models["masks"][:2], models["seeds"][:2], SAMPLING, 2, 0.5, 0.001, rollout_gradient="exact")
 
 
 def test_training_raises_the_segmentation_loss_of_samples_with_a_bounded_shift(models, trained):
