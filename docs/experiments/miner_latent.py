@@ -19,12 +19,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from segsynth.config import method_params, miner_schedule
 from segsynth.data.canonical import load_split
-from segsynth.evaluation import score_synthetic
-from segsynth.fidelity import score_fidelity
 from segsynth.generator.train import train_generator
 from segsynth.miner import train_miner
 from segsynth.sampling.synthesize import synthesize
-from segsynth.synthetic_set import load_synthetic_set
+from set_scores import set_scores
 
 demo, out = Path(sys.argv[1]), Path(sys.argv[2])
 vae_steps, gen_steps = int(sys.argv[3]), int(sys.argv[4])
@@ -111,13 +109,5 @@ for name in (["rd"] if len(sys.argv) <= 5 else []) + list(miners):
     if not set_dir.exists():
         synthesize(gen_dir, data, method, method_params(config, "mni152", method), 0, set_dir,
                    value_model_dir=f_theta, threads=2, miner_dir=miner_dir)
-    fid = score_fidelity(res / "fidelity/real_features.npz", set_dir, f_theta, out / f"fid_{name}.parquet",
-                         "mni152", "latent", name, 0)
-    adh = score_synthetic(f_theta, set_dir, judge_dir=judge)
-    rec = load_synthetic_set(set_dir).records
     log(variant=name, seconds=round(time.time() - began),
-        **{m: round(float(v), 4) for m, v in zip(fid["metric"], fid["value"])},
-        **{f"adherence_{s}": round(100 * float(g.loc[g["class"] == "mean", "dice"].mean()), 2)
-           for s, g in adh.groupby("scorer")},
-        seg_loss=round(float(rec["seg_loss"].mean()), 4), value=round(float(rec["value"].mean()), 4),
-        **{c: round(float(rec[c].mean()), 4) for c in rec.columns if c.startswith("miner_")})
+        **set_scores(res, set_dir, out / f"fid_{name}.parquet", "latent", name))
